@@ -1,0 +1,186 @@
+"""The supported architectures, each a few lines of data (see ``../shared/ARCHITECTURES.md`` for the facts).
+
+Conventions: ``embeddings`` and ``other_norms`` are relative to the base model, ``block_*`` to one block, fold
+readers may name alternatives with ``|`` (first that exists wins) and are checked against a probe before folding.
+"""
+
+from __future__ import annotations
+
+from normswap.adapters.registry import register
+from normswap.adapters.spec import Adapter, Norm, PostLNCondition, Writer
+
+E = "embedding"
+
+register(Adapter(
+    model_type="gpt2",
+    blocks="h",
+    embeddings=(Writer("wte", E), Writer("wpe", E)),
+    block_writers=(Writer("attn.c_proj", "conv1d"), Writer("mlp.c_proj", "conv1d")),
+    block_norms=(
+        Norm("ln_1", readers=("attn.c_attn",), reader_layout="conv1d"),
+        Norm("ln_2", readers=("mlp.c_fc",), reader_layout="conv1d"),
+    ),
+    other_norms=(Norm("ln_f", readers=("lm_head",)),),
+))
+
+register(Adapter(
+    model_type="gpt_neo",
+    blocks="h",
+    embeddings=(Writer("wte", E), Writer("wpe", E)),
+    block_writers=(Writer("attn.attention.out_proj"), Writer("mlp.c_proj")),
+    block_norms=(
+        Norm("ln_1", readers=("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj")),
+        Norm("ln_2", readers=("mlp.c_fc",)),
+    ),
+    other_norms=(Norm("ln_f", readers=("lm_head",)),),
+))
+
+register(Adapter(
+    model_type="gptj",
+    blocks="h",
+    block_style="parallel",
+    embeddings=(Writer("wte", E),),
+    block_writers=(Writer("attn.out_proj"), Writer("mlp.fc_out")),
+    block_norms=(Norm("ln_1", readers=("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")),),
+    other_norms=(Norm("ln_f", readers=("lm_head",)),),
+))
+
+register(Adapter(
+    model_type="codegen",
+    blocks="h",
+    block_style="parallel",
+    embeddings=(Writer("wte", E),),
+    block_writers=(Writer("attn.out_proj"), Writer("mlp.fc_out")),
+    block_norms=(Norm("ln_1", readers=("attn.qkv_proj", "mlp.fc_in")),),
+    other_norms=(Norm("ln_f", readers=("lm_head",)),),
+))
+
+register(Adapter(
+    model_type="gpt_neox",
+    blocks="layers",
+    block_style="sequential or parallel",
+    embeddings=(Writer("embed_in", E),),
+    block_writers=(Writer("attention.dense"), Writer("mlp.dense_4h_to_h")),
+    block_norms=(
+        Norm("input_layernorm", readers=("attention.query_key_value",)),
+        Norm("post_attention_layernorm", readers=("mlp.dense_h_to_4h",)),
+    ),
+    other_norms=(Norm("final_layer_norm", readers=("lm_head",)),),
+    disk_aliases={"lm_head.weight": "embed_out.weight"},
+    notes="use_parallel_residual switches the block style; both norms exist either way",
+))
+
+register(Adapter(
+    model_type="opt",
+    blocks="decoder.layers",
+    embeddings=(
+        Writer("decoder.project_in", optional=True),
+        Writer("decoder.embed_tokens", E, unless_present="decoder.project_in"),
+        Writer("decoder.embed_positions", E),
+    ),
+    block_writers=(Writer("self_attn.out_proj"), Writer("fc2")),
+    block_norms=(
+        Norm("self_attn_layer_norm", readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Norm("final_layer_norm", readers=("fc1",)),
+    ),
+    other_norms=(Norm("decoder.final_layer_norm", readers=("decoder.project_out|lm_head",), optional=True),),
+    post_ln_when=(PostLNCondition(
+        "do_layer_norm_before", False,
+        "this OPT config has do_layer_norm_before=False (post-LN, like opt-350m): its norms read stream + sublayer "
+        "output, which is not zero-mean"),),
+    notes="project_out reads the final norm; embed_tokens is a writer only without project_in",
+))
+
+register(Adapter(
+    model_type="bloom",
+    blocks="h",
+    embeddings=(Writer("word_embeddings", E),),
+    block_writers=(Writer("self_attention.dense"), Writer("mlp.dense_4h_to_h")),
+    block_norms=(
+        Norm("input_layernorm", readers=("self_attention.query_key_value",)),
+        Norm("post_attention_layernorm", readers=("mlp.dense_h_to_4h",)),
+    ),
+    other_norms=(
+        Norm("word_embeddings_layernorm", writes_stream=True),
+        Norm("ln_f", readers=("lm_head",)),
+    ),
+    post_ln_when=(PostLNCondition(
+        "apply_residual_connection_post_layernorm", True,
+        "this BLOOM config has apply_residual_connection_post_layernorm=True: the residual carries the norm "
+        "output, which is not zero-mean"),),
+    notes="word_embeddings_layernorm writes the stream: it becomes a re-centring RMSNorm (stock keys kept, so the "
+    "stock class still loads the output; folding LN(E) into the table would drop its keys)",
+))
+
+register(Adapter(
+    model_type="falcon",
+    blocks="h",
+    block_style="sequential or parallel",
+    embeddings=(Writer("word_embeddings", E),),
+    block_writers=(Writer("self_attention.dense"), Writer("mlp.dense_4h_to_h")),
+    block_norms=(
+        Norm("ln_attn", readers=("self_attention.query_key_value",), optional=True),
+        Norm("ln_mlp", readers=("mlp.dense_h_to_4h",), optional=True),
+        Norm("input_layernorm", readers=("self_attention.query_key_value", "mlp.dense_h_to_4h"), optional=True),
+        Norm("post_attention_layernorm", readers=("mlp.dense_h_to_4h",), optional=True),
+    ),
+    other_norms=(Norm("ln_f", readers=("lm_head",)),),
+    notes="new_decoder_architecture uses ln_attn+ln_mlp (2 LN) or input_layernorm (1 LN); the old architecture "
+    "uses input_layernorm (+ post_attention_layernorm when sequential)",
+))
+
+register(Adapter(
+    model_type="phi",
+    blocks="layers",
+    block_style="parallel",
+    embeddings=(Writer("embed_tokens", E),),
+    block_writers=(Writer("self_attn.dense"), Writer("mlp.fc2")),
+    block_norms=(Norm("input_layernorm",
+                      readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")),),
+    other_norms=(Norm("final_layernorm", readers=("lm_head",)),),
+    kept_norms=("self_attn.q_layernorm", "self_attn.k_layernorm"),
+))
+
+register(Adapter(
+    model_type="gpt_bigcode",
+    blocks="h",
+    embeddings=(Writer("wte", E), Writer("wpe", E)),
+    block_writers=(Writer("attn.c_proj"), Writer("mlp.c_proj")),
+    block_norms=(Norm("ln_1", readers=("attn.c_attn",)), Norm("ln_2", readers=("mlp.c_fc",))),
+    other_norms=(Norm("ln_f", readers=("lm_head",)),),
+))
+
+register(Adapter(
+    model_type="stablelm",
+    blocks="layers",
+    block_style="sequential or parallel",
+    embeddings=(Writer("embed_tokens", E),),
+    block_writers=(Writer("self_attn.o_proj"), Writer("mlp.down_proj")),
+    block_norms=(
+        Norm("input_layernorm",
+             readers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")),
+        Norm("post_attention_layernorm", readers=("mlp.gate_proj", "mlp.up_proj"), optional=True),
+    ),
+    other_norms=(Norm("norm", readers=("lm_head",)),),
+    kept_norms=("self_attn.q_layernorm", "self_attn.k_layernorm"),
+    notes="use_parallel_residual drops post_attention_layernorm; the per-head q/k norms read projections, not the "
+    "stream, and stay LayerNorm",
+))
+
+register(Adapter(
+    model_type="vit",
+    blocks="layers",
+    embeddings=(
+        Writer("embeddings.patch_embeddings.projection", "conv2d"),
+        Writer("embeddings.cls_token", "param"),
+        Writer("embeddings.position_embeddings", "param"),
+        Writer("embeddings.mask_token", "param", optional=True),
+    ),
+    block_writers=(Writer("attention.o_proj"), Writer("mlp.fc2")),
+    block_norms=(
+        Norm("layernorm_before", readers=("attention.q_proj", "attention.k_proj", "attention.v_proj")),
+        Norm("layernorm_after", readers=("mlp.fc1",)),
+    ),
+    other_norms=(Norm("layernorm"),),
+    notes="the final layernorm's output is the model output (and feeds pooler/classifier slices): never folded",
+))

@@ -1,0 +1,97 @@
+"""The declarative description of one architecture: which modules write the residual stream and which norms read it.
+
+An adapter is pure data. The conversion algorithm in :mod:`normswap.surgery` reads it and never branches on model
+names, so supporting a new architecture means writing one :class:`Adapter` entry (and one test row).
+
+Paths are dotted module paths relative to the *base model* (``model.base_model``, e.g. ``transformer`` inside
+``GPT2LMHeadModel``) unless they are listed under ``heads``, which are relative to the top-level model. Block-level
+paths are relative to each block of the ``blocks`` ModuleList.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+#: How a writer's tensor is laid out, which decides the axis that indexes the hidden (residual) dimension.
+#: ``linear``: nn.Linear weight [out=hidden, in]; ``conv1d``: GPT-2 Conv1D weight [in, out=hidden];
+#: ``embedding``: nn.Embedding weight [rows, hidden]; ``conv2d``: Conv2d weight [out=hidden, in, k, k];
+#: ``param``: a bare parameter [..., hidden] (ViT cls/position/mask tokens).
+Layout = Literal["linear", "conv1d", "embedding", "conv2d", "param"]
+
+
+@dataclass(frozen=True)
+class Writer:
+    """A module (or bare parameter) whose output is added into the residual stream."""
+
+    path: str
+    layout: Layout = "linear"
+    #: Absent in some configurations (OPT ``project_in``, ViT ``mask_token``); skipped when missing.
+    optional: bool = False
+    #: Not a writer when this other module exists (OPT: ``embed_tokens`` feeds ``project_in`` when it exists).
+    unless_present: str | None = None
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A LayerNorm that normswap swaps for RMSNorm."""
+
+    path: str
+    #: Modules that consume this norm's output (for ``--fold-gain`` / ``--fold-bias``); empty = output leaves the
+    #: model or goes somewhere we cannot fold into.
+    readers: tuple[str, ...] = ()
+    #: Layout of the readers' weights (same meaning as :data:`Layout`; only ``linear`` and ``conv1d`` fold).
+    reader_layout: Layout = "linear"
+    #: Reads a sum of centred writers (pre-LN). False: reads something that is not zero-mean (post-LN), so the
+    #: swap can only be approximate.
+    exact: bool = True
+    #: Its output is added to the residual stream (BLOOM's embedding norm): swapped for a re-centring RMSNorm.
+    writes_stream: bool = False
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class PostLNCondition:
+    """A config setting under which the architecture is post-LN (or otherwise not exact)."""
+
+    attribute: str
+    value: object
+    reason: str
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where the writers and norms are for one ``model_type``."""
+
+    model_type: str
+    #: ModuleList of transformer blocks, relative to the base model.
+    blocks: str
+    #: Writers outside the blocks (embeddings, position embeddings, input projections), base-model relative.
+    embeddings: tuple[Writer, ...] = ()
+    #: Writers inside each block, block relative.
+    block_writers: tuple[Writer, ...] = ()
+    #: Norms inside each block, block relative.
+    block_norms: tuple[Norm, ...] = ()
+    #: Norms outside the blocks (final norm, embedding norm), base-model relative.
+    other_norms: tuple[Norm, ...] = ()
+    #: Modules relative to the top-level model (lm_head, classifier), used as fold readers by ``other_norms``.
+    heads: tuple[str, ...] = ()
+    #: Norms that deliberately stay LayerNorm because they do not read the stream (documentation + inspect output).
+    kept_norms: tuple[str, ...] = ()
+    #: "sequential" (attn then mlp, one norm each) or "parallel" (attn and mlp read the same stream).
+    block_style: Literal["sequential", "parallel", "sequential or parallel"] = "sequential"
+    #: "pre" (norms read the stream: exact) or "post" (norms read stream + sublayer output: approximate).
+    norm_position: Literal["pre", "post"] = "pre"
+    #: Config settings that make this architecture post-LN; exact conversion refuses them.
+    post_ln_when: tuple[PostLNCondition, ...] = ()
+    #: On-disk key aliases (streaming conversion): {name in the loaded model: name in the file}.
+    disk_aliases: dict[str, str] = field(default_factory=dict)
+    notes: str = ""
+
+    def post_ln_reasons(self, config: object) -> list[str]:
+        """Why this particular config cannot be converted exactly (empty when it can)."""
+        reasons = [c.reason for c in self.post_ln_when if getattr(config, c.attribute, None) == c.value]
+        if self.norm_position == "post":
+            reasons.insert(0, f"{self.model_type} is a post-LN architecture: its norms read the sum of the stream and a "
+                           "sublayer output, which is not zero-mean")
+        return reasons

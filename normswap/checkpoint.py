@@ -1,0 +1,207 @@
+"""Loading sources, saving converted models atomically, and loading them back with RMSNorm modules.
+
+Outputs are ordinary ``save_pretrained`` folders. The ``normswap`` key in ``config.json`` records what was done, so
+``normswap.load`` can swap the same norms back in at runtime without needing the adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from normswap.errors import CheckpointError, NormswapError, OutputExistsError
+from normswap.surgery import swap_named_norms_
+
+logger = logging.getLogger(__name__)
+
+#: Files that belong to a tokenizer or processor; copied verbatim from a local source folder.
+PREPROCESSING_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
+    "added_tokens.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "preprocessor_config.json",
+    "processor_config.json", "image_processor_config.json", "chat_template.jinja", "chat_template.json",
+)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise NormswapError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}") from None
+
+
+@dataclass
+class Source:
+    """A loaded source model with what is needed to save its converted copy faithfully."""
+
+    model: nn.Module
+    tokenizer: object | None
+    id: str
+    revision: str | None
+    local_dir: Path | None
+
+
+def model_class_for(config) -> type:
+    """The stock class named in ``config.architectures`` (falls back to AutoModel)."""
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _wrap_load_error(src: str, exc: Exception) -> CheckpointError:
+    text = str(exc)
+    lowered = text.lower()
+    if any(k in lowered for k in ("safetensor", "header", "deserializ", "incomplete", "truncat", "unexpected eof")):
+        hint = "the checkpoint file looks corrupt or truncated; re-download or re-save it"
+    elif not Path(src).exists():
+        hint = ("not a local folder, and the Hub could not provide it (this machine may be offline); "
+                "pass a local save_pretrained folder")
+    else:
+        hint = "check that the folder is a complete save_pretrained output (config.json + weights)"
+    return CheckpointError(f"could not load {src}: {hint}. ({type(exc).__name__}: {text.splitlines()[0] if text else ''})")
+
+
+def load_source(
+    src: str | os.PathLike, dtype: str | torch.dtype | None = "float32", device: str | None = None,
+    revision: str | None = None,
+) -> Source:
+    """Load a source model (hub id or local folder) and its tokenizer/processor; errors say what to do."""
+    src = str(src)
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(src, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one readable message
+        raise _wrap_load_error(src, exc) from exc
+    cls = model_class_for(config)
+    try:
+        model = cls.from_pretrained(src, dtype=parse_dtype(dtype), **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap_load_error(src, exc) from exc
+    if device:
+        model.to(device)
+    model.eval()
+    tokenizer = None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src, **kwargs)
+    except Exception:  # noqa: BLE001 - a missing tokenizer is reported, not fatal
+        logger.info("no tokenizer found for %s", src)
+    local = Path(src) if Path(src).is_dir() else None
+    return Source(model, tokenizer, src, revision or getattr(config, "_commit_hash", None), local)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside ``path``; rename it into place only if the block finishes.
+
+    A crash or Ctrl-C leaves the target untouched (no half-written output); an existing non-empty target is refused
+    unless ``overwrite``.
+    """
+    target = Path(path).resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if not overwrite:
+            raise OutputExistsError(
+                f"output folder {target} exists and is not empty; choose another path or pass --force to replace it"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.normswap-tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.normswap-old-{os.getpid()}")
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_preprocessing_files(src_dir: Path | None, dst: Path) -> list[str]:
+    """Copy tokenizer/processor files that exist in a local source folder; returns what was copied."""
+    copied = []
+    if src_dir is None:
+        return copied
+    for name in PREPROCESSING_FILES:
+        f = src_dir / name
+        if f.is_file() and not (dst / name).exists():
+            shutil.copy2(f, dst / name)
+            copied.append(name)
+    return copied
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer=None,
+    source_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    dtype: str | torch.dtype | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+) -> Path:
+    """Write a converted model as a ``save_pretrained`` folder, atomically.
+
+    Refuses a model whose recorded verification failed, and an existing non-empty folder, unless ``force``.
+    ``dtype`` casts the saved weights (e.g. bf16 output of an fp32 surgery); the in-memory model is cast too.
+    """
+    meta = getattr(model.config, "normswap", None)
+    if isinstance(meta, dict) and meta.get("verification") and not meta["verification"].get("passed", True):
+        if not force:
+            raise NormswapError(
+                "refusing to save: verification failed (the converted model does not match the original within "
+                "tolerance). Inspect the report; pass --force / force=True to save anyway."
+            )
+    out_dtype = parse_dtype(dtype)
+    if out_dtype is not None:
+        model.to(out_dtype)
+    with atomic_output_dir(path, overwrite=force) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        copy_preprocessing_files(Path(source_dir) if source_dir else None, tmp)
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as fh:
+                fh.write(content)
+    return Path(path).resolve()
+
+
+def load(
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None
+) -> nn.Module:
+    """Load a normswap output and swap in ``normswap.RMSNorm`` at every norm the conversion swapped."""
+    path = str(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap_load_error(path, exc) from exc
+    meta = getattr(config, "normswap", None)
+    if not isinstance(meta, dict) or "swapped_norms" not in meta:
+        raise NormswapError(f"{path} is not a normswap output (config.json has no 'normswap' metadata); "
+                            "convert it first with `normswap convert`")
+    cls = model_class_for(config)
+    try:
+        model = cls.from_pretrained(path, dtype=parse_dtype(dtype) or "auto")
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap_load_error(path, exc) from exc
+    swap_named_norms_(model, meta["swapped_norms"], meta.get("recentered_norms", ()))
+    if device:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,74 @@
+"""``normswap convert SRC -o OUT``: convert, verify, save (and, by default, measure before/after)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from normswap.assets import resolve_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a model's LayerNorms to RMSNorm and save it",
+        description="Convert a model (hub id or local folder; default: the embedded Shakespeare GPT-2) from LayerNorm "
+        "to RMSNorm, verify it against the original, and save a standard save_pretrained folder.",
+    )
+    p.add_argument("src", nargs="?", default=None, help="hub id or local folder (default: embedded shakespeare-gpt2)")
+    p.add_argument("-o", "--output", help="output folder (default: ./<source name>-rms)")
+    p.add_argument("--approximate", action="store_true",
+                   help="also swap norms that cannot be exact (post-LN); measures the damage, heal with finetune")
+    p.add_argument("--fold-bias", action="store_true", help="fold each norm's bias into its readers' biases")
+    p.add_argument("--fold-gain", action="store_true", help="fold each norm's gain into its readers' weights")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output folder and save even if verification fails")
+    p.add_argument("--dtype", default="float32",
+                   help="dtype of the saved weights (surgery always runs in float64/float32): float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="device for loading and verification (e.g. cpu, cuda)")
+    p.add_argument("--revision", default=None, help="hub revision of the source")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max relative |Δlogit| accepted for an exact conversion (default 1e-4 in fp32)")
+    p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
+    p.set_defaults(func=run)
+
+
+def default_output(src: str) -> Path:
+    return Path.cwd() / f"{Path(src.rstrip('/')).name}-rms"
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    import normswap
+    from normswap.checkpoint import load_source, parse_dtype
+
+    src = resolve_model(args.src)
+    out = Path(args.output) if args.output else default_output(src)
+    if Path(src).exists() and out.resolve() == Path(src).resolve():
+        raise normswap.errors.NormswapError("the output folder is the source folder; normswap never modifies the source")
+    out_dtype = parse_dtype(args.dtype)
+
+    print(f"loading {src}")
+    source = load_source(src, dtype="float32", device=args.device, revision=args.revision)
+    if source.tokenizer is None:
+        print("note: no tokenizer found next to the model; converting anyway (probes use random token ids)")
+    report = normswap.convert_(
+        source.model, approximate=args.approximate, fold_gain=args.fold_gain, fold_bias=args.fold_bias,
+        tolerance=args.tolerance, tokenizer=source.tokenizer,
+    )
+    source.model.config.normswap = report.metadata(
+        source.id, source.revision, str(out_dtype).removeprefix("torch.")
+    )
+    print(report.summary())
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    if not report.passed and not args.force:
+        raise normswap.errors.VerificationError(
+            "verification failed, so nothing was saved: the converted model does not match the original within "
+            f"tolerance ({report.verification.summary()}). Pass --force to save it anyway."
+        )
+    path = normswap.save(source.model, out, tokenizer=source.tokenizer, source_dir=source.local_dir,
+                         force=args.force, dtype=out_dtype)
+    print(f"saved {path}")
+    return 0

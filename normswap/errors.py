@@ -1,0 +1,29 @@
+"""Exceptions with messages written for the user: what happened and what to do about it."""
+
+
+class NormswapError(Exception):
+    """Base class: the CLI prints these as a one-line error instead of a traceback."""
+
+
+class UnsupportedArchitectureError(NormswapError):
+    pass
+
+
+class AlreadyRMSNormError(NormswapError):
+    """The model has no LayerNorm to convert; the CLI treats this as success with nothing to do."""
+
+
+class NotExactError(NormswapError):
+    """An exact conversion was asked of a model whose norms cannot be swapped exactly (post-LN)."""
+
+
+class VerificationError(NormswapError):
+    """The converted model does not compute what the conversion claims."""
+
+
+class CheckpointError(NormswapError):
+    """A source checkpoint is missing, corrupt, truncated or holds non-finite weights."""
+
+
+class OutputExistsError(NormswapError):
+    pass

@@ -1,0 +1,105 @@
+"""Build-on-first-use loader for the fused CPU RMSNorm extension (``csrc/rms_norm.cpp``).
+
+JIT compilation (``torch.utils.cpp_extension.load``) keeps normswap a pure-Python wheel: nothing to build at install
+time, and the kernel is compiled against whichever torch is actually installed. The first call costs a compile (tens
+of seconds); later processes reuse the cached ``.so`` from the torch extensions directory (``TORCH_EXTENSIONS_DIR``,
+default ``~/.cache/torch_extensions``), which torch rebuilds by itself when the source or flags change and guards
+with a file lock when several processes build at once.
+
+Instruction-set flags are chosen from torch's own CPU capability probe (which honours ``ATEN_CPU_CAPABILITY``), never
+``-march=native``, and the capability is part of the extension name: a cache directory shared between machines (NFS
+home, container image) therefore holds one build per instruction set and never hands AVX-512 code to a CPU without it.
+
+A failed build (no compiler, missing headers, sandbox) is not an error for the user: :func:`load` warns once and
+returns ``None``, and dispatch falls back to the composite implementation.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["cpu_capability", "extension_name", "load", "load_error"]
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "rms_norm.cpp"
+
+# Compiler flags per torch CPU capability: the same ISA subsets ATen compiles its own AVX2/AVX512 kernels with, so
+# the at::vec::Vectorized headers select the matching implementation and nothing newer is emitted.
+_ISA_FLAGS: dict[str, list[str]] = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "DEFAULT": [],
+}
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_error: str | None = None  # set once a build has failed, so it is attempted (and warned about) only once per process
+
+
+def cpu_capability() -> str:
+    """The instruction-set level to build for: torch's own answer, reduced to the levels we have flags for."""
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    return cap if cap in _ISA_FLAGS else "DEFAULT"
+
+
+def extension_name() -> str:
+    """Extension (and cache directory) name; includes the ISA level so shared caches stay safe across CPUs."""
+    return f"normswap_rmsnorm_{cpu_capability().lower()}"
+
+
+def _compile() -> ModuleType:
+    """Compile (or reuse the cached build of) the extension. Raises on any failure."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    cap = cpu_capability()
+    cflags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}", *_ISA_FLAGS[cap]]
+    if cap != "DEFAULT":
+        cflags.append(f"-DCPU_CAPABILITY_{cap}")
+    # -fopenmp makes at::parallel_for (inline OpenMP in the ATen headers) actually parallel; the resulting
+    # libgomp.so.1 dependency resolves to the copy torch has already loaded, so there is one OpenMP runtime.
+    return load_extension(
+        name=extension_name(),
+        sources=[str(_SOURCE)],
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def load() -> ModuleType | None:
+    """The compiled extension, building it on first use; ``None`` (after one warning) if it cannot be built."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    if _error is not None:
+        return None
+    with _lock:
+        if _module is None and _error is None:
+            try:
+                _module = _compile()
+            except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback", never a crash
+                _error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(
+                    "normswap: could not build the fused CPU RMSNorm kernel, falling back to the composite "
+                    f"implementation (correct but ~3x slower). Cause: {_error}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _module
+
+
+def load_error() -> str | None:
+    """Why the build failed in this process, or ``None`` if it has not failed (yet)."""
+    return _error
+
+
+def _reset() -> None:
+    """Forget the loaded module / recorded failure. For tests that simulate a failed build."""
+    global _module, _error
+    with _lock:
+        _module = None
+        _error = None
