@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from normswap.norm import CenteredRMSNorm, RMSNorm  # noqa: E402
-from normswap.conversion import ConversionReport, convert_, plan_conversion  # noqa: E402
 from normswap.checkpoint import load, load_source, save  # noqa: E402
+from normswap.conversion import ConversionReport, convert_, plan_conversion  # noqa: E402
+from normswap.norm import CenteredRMSNorm, RMSNorm  # noqa: E402
 
 __all__ = [
     "CenteredRMSNorm",

@@ -100,6 +100,9 @@ def load_source(
         tokenizer = transformers.AutoTokenizer.from_pretrained(src, **kwargs)
     except Exception:  # noqa: BLE001 - a missing tokenizer is reported, not fatal
         logger.info("no tokenizer found for %s", src)
+    if tokenizer is not None and len(tokenizer) <= 1:
+        # transformers v5 builds an empty tokenizer when a folder has no tokenizer files at all
+        tokenizer = None
     local = Path(src) if Path(src).is_dir() else None
     return Source(model, tokenizer, src, revision or getattr(config, "_commit_hash", None), local)
 

@@ -138,6 +138,7 @@ def build_plan(model: nn.Module, adapter: Adapter, approximate: bool = False) ->
             f"{adapter.model_type} adapter expects the blocks at {prefix}{adapter.blocks}, but this model has none there"
         )
     not_exact = adapter.post_ln_reasons(model.config)
+    all_inexact = bool(adapter.config_reasons(model.config))
     writers: list[ResolvedWriter] = []
     norms: list[ResolvedNorm] = []
     skipped: list[str] = []
@@ -170,7 +171,7 @@ def build_plan(model: nn.Module, adapter: Adapter, approximate: bool = False) ->
             hit = _first_present(roots, r)
             if hit is not None and isinstance(hit[1], nn.Module):
                 readers.append(hit)
-        exact = n.exact and not not_exact
+        exact = n.exact and not all_inexact
         norms.append(ResolvedNorm(root_prefix + n.path, found, n, exact, readers))
 
     for w in adapter.embeddings:

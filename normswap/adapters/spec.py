@@ -88,10 +88,14 @@ class Adapter:
     disk_aliases: dict[str, str] = field(default_factory=dict)
     notes: str = ""
 
+    def config_reasons(self, config: object) -> list[str]:
+        """Config settings that make *every* norm of this model inexact (e.g. OPT with do_layer_norm_before=False)."""
+        return [c.reason for c in self.post_ln_when if getattr(config, c.attribute, None) == c.value]
+
     def post_ln_reasons(self, config: object) -> list[str]:
         """Why this particular config cannot be converted exactly (empty when it can)."""
-        reasons = [c.reason for c in self.post_ln_when if getattr(config, c.attribute, None) == c.value]
+        reasons = self.config_reasons(config)
         if self.norm_position == "post":
-            reasons.insert(0, f"{self.model_type} is a post-LN architecture: its norms read the sum of the stream and a "
-                           "sublayer output, which is not zero-mean")
+            reasons.insert(0, f"{self.model_type} is a post-LN architecture: its block norms read the sum of the stream "
+                           "and a sublayer output, which is not zero-mean")
         return reasons

@@ -1,0 +1,164 @@
+"""Every kind of bad input gets a clear message, and nothing is lost or half-written."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from tiny_models import make, perturb_
+
+import normswap
+from normswap.cli import main
+from normswap.errors import AlreadyRMSNormError, CheckpointError, NotExactError, UnsupportedArchitectureError
+
+
+def save_source(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    return path
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if "normswap-tmp" in p.name or "normswap-old" in p.name]
+
+
+def test_unknown_architecture_names_type_supported_list_and_how_to_add():
+    model = perturb_(T.AutoModelForCausalLM.from_config(T.XGLMConfig(vocab_size=64, d_model=32, num_layers=2,
+                                                                       attention_heads=4, ffn_dim=64)))
+    with pytest.raises(UnsupportedArchitectureError) as exc:
+        normswap.convert_(model)
+    msg = str(exc.value)
+    assert "'xglm'" in msg and "gpt2" in msg and "bloom" in msg and "register" in msg and "adapter" in msg
+
+
+def test_already_rmsnorm_exits_zero_without_writing(tmp_path, capsys):
+    llama = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(AlreadyRMSNormError, match="already uses RMSNorm"):
+        normswap.convert_(llama)
+    src = save_source(llama, tmp_path / "llama")
+    assert main(["convert", str(src), "-o", str(tmp_path / "out")]) == 0
+    assert "already uses RMSNorm" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_converted_model_is_not_converted_twice():
+    model = make("gpt2")
+    normswap.convert_(model)
+    with pytest.raises(AlreadyRMSNormError):
+        normswap.convert_(model)
+
+
+@pytest.mark.parametrize("config", [
+    T.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                word_embed_proj_dim=32, do_layer_norm_before=False),
+    T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, apply_residual_connection_post_layernorm=True),
+])
+def test_post_ln_exact_refused_naming_the_approximate_path(config):
+    model = T.AutoModelForCausalLM.from_config(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NotExactError) as exc:
+        normswap.convert_(model)
+    msg = str(exc.value)
+    assert "post" in msg.lower() and "--approximate" in msg
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "refusal must not touch weights"
+
+
+def test_existing_output_refused_without_force(tmp_path, capsys):
+    src = save_source(make("gpt2"), tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["convert", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not empty" in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert main(["convert", str(src), "-o", str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_source_never_modified_and_output_not_source(tmp_path, capsys):
+    src = save_source(make("gpt2"), tmp_path / "src")
+    before = digest(src)
+    assert main(["convert", str(src), "-o", str(tmp_path / "out")]) == 0
+    assert digest(src) == before
+    assert main(["convert", str(src), "-o", str(src), "--force"]) == 2
+    assert "never modifies the source" in capsys.readouterr().err
+    assert digest(src) == before
+
+
+def test_crash_during_save_leaves_no_output(tmp_path, monkeypatch):
+    model = make("gpt2")
+    normswap.convert_(model)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        normswap.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_missing_tokenizer_converts_anyway_and_says_so(tmp_path, capsys):
+    src = save_source(make("gpt2"), tmp_path / "src")
+    assert main(["convert", str(src), "-o", str(tmp_path / "out")]) == 0
+    assert "no tokenizer" in capsys.readouterr().out
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_tokenizer_files_are_copied(tmp_path):
+    from normswap.assets import DEFAULT_MODEL
+
+    assert main(["convert", str(DEFAULT_MODEL), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    tok = T.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok("To be, or not to be")["input_ids"]
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, capsys):
+    src = save_source(make("gpt2"), tmp_path / "src")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        normswap.load_source(src)
+    assert main(["convert", str(src), "-o", str(tmp_path / "out")]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source_is_a_clear_error(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope"), "-o", str(tmp_path / "out")]) == 2
+    assert "could not load" in capsys.readouterr().err
+
+
+def test_nan_weights_refused_naming_the_tensor():
+    model = make("gpt2")
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight"):
+        normswap.convert_(model)
+
+
+def test_failed_verification_refuses_to_save_unless_forced(tmp_path, capsys):
+    src = save_source(make("gpt2"), tmp_path / "src")
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--tolerance", "1e-30"]) == 2
+    assert "verification failed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--tolerance", "1e-30", "--force"]) == 0
+    cfg = T.AutoConfig.from_pretrained(tmp_path / "out")
+    assert cfg.normswap["verification"]["passed"] is False
+
+
+def test_load_refuses_non_normswap_folder(tmp_path):
+    src = save_source(make("gpt2"), tmp_path / "src")
+    with pytest.raises(normswap.errors.NormswapError, match="not a normswap output"):
+        normswap.load(src)
