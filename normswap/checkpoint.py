@@ -107,6 +107,19 @@ def load_source(
     return Source(model, tokenizer, src, revision or getattr(config, "_commit_hash", None), local)
 
 
+def skeleton_model(src: str | os.PathLike, revision: str | None = None) -> nn.Module:
+    """The model's module tree on the meta device: enough to plan a conversion without reading any weights."""
+    src = str(src)
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(src, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap_load_error(src, exc) from exc
+    with torch.device("meta"):
+        model = model_class_for(config)._from_config(config)
+    return model
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder beside ``path``; rename it into place only if the block finishes.

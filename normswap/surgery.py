@@ -126,7 +126,9 @@ def _tied_head(model: nn.Module) -> bool:
         return False
     if out is None or inp is None or getattr(out, "weight", None) is None:
         return False
-    return out.weight is inp.weight or out.weight.data_ptr() == inp.weight.data_ptr()
+    if out.weight is inp.weight:
+        return True
+    return out.weight.device.type != "meta" and out.weight.data_ptr() == inp.weight.data_ptr()
 
 
 def build_plan(model: nn.Module, adapter: Adapter, approximate: bool = False) -> Plan:

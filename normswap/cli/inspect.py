@@ -37,12 +37,11 @@ def describe(plan) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from normswap.assets import resolve_model
-    from normswap.checkpoint import load_source
+    from normswap.checkpoint import skeleton_model
     from normswap.conversion import plan_conversion
 
     src = resolve_model(args.src)
-    source = load_source(src, dtype="float32", revision=args.revision)
-    plan = plan_conversion(source.model, approximate=True)
+    plan = plan_conversion(skeleton_model(src, revision=args.revision), approximate=True)
     info = describe(plan)
     if args.json:
         print(json.dumps(info, indent=2))
