@@ -103,8 +103,18 @@ def load_source(
     if tokenizer is not None and len(tokenizer) <= 1:
         # transformers v5 builds an empty tokenizer when a folder has no tokenizer files at all
         tokenizer = None
-    local = Path(src) if Path(src).is_dir() else None
+    local = Path(src) if Path(src).is_dir() else _hub_preprocessing_dir(src, revision)
     return Source(model, tokenizer, src, revision or getattr(config, "_commit_hash", None), local)
+
+
+def _hub_preprocessing_dir(repo_id: str, revision: str | None) -> Path | None:
+    """Local snapshot holding only a hub model's tokenizer/processor files (so they can be copied to the output)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(PREPROCESSING_FILES)))
+    except Exception:  # noqa: BLE001 - offline or no such files: the tokenizer object (if any) is saved instead
+        return None
 
 
 def skeleton_model(src: str | os.PathLike, revision: str | None = None) -> nn.Module:
@@ -205,7 +215,9 @@ def load(
     """Load a normswap output and swap in ``normswap.RMSNorm`` at every norm the conversion swapped."""
     path = str(path)
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        from normswap.publish.remote_code import load_output_config  # stock config even for normswap_<type> outputs
+
+        config = load_output_config(path)
     except Exception as exc:  # noqa: BLE001
         raise _wrap_load_error(path, exc) from exc
     meta = getattr(config, "normswap", None)
@@ -214,7 +226,7 @@ def load(
                             "convert it first with `normswap convert`")
     cls = model_class_for(config)
     try:
-        model = cls.from_pretrained(path, dtype=parse_dtype(dtype) or "auto")
+        model = cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype) or "auto")
     except Exception as exc:  # noqa: BLE001
         raise _wrap_load_error(path, exc) from exc
     swap_named_norms_(model, meta["swapped_norms"], meta.get("recentered_norms", ()))

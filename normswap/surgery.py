@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from normswap import maths
 from normswap.adapters import Adapter, Norm, Writer
@@ -216,7 +217,7 @@ def untie_head_(model: nn.Module) -> bool:
 @torch.no_grad()
 def center_writers_(writers: list[ResolvedWriter]) -> None:
     """Make every writer's contribution to the stream zero-mean (float64 maths, cast back once)."""
-    for w in writers:
+    for w in tqdm(writers, desc="centring writers", unit="tensor", disable=len(writers) < 64, leave=False):
         if isinstance(w.target, nn.Parameter):
             w.target.copy_(maths.center(w.target, maths.HIDDEN_AXIS[w.layout]).to(w.target.dtype))
             continue
