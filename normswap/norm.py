@@ -26,9 +26,10 @@ class RMSNorm(nn.Module):
         normalized_shape: int | tuple[int, ...],
         eps: float = 1e-5,
         bias: bool = True,
-        elementwise_affine: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        elementwise_affine: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(normalized_shape, numbers.Integral):
