@@ -210,6 +210,14 @@ def untie_head_(model: nn.Module) -> bool:
         cfg.tie_word_embeddings = False
     tied = getattr(model, "all_tied_weights_keys", None)
     if isinstance(tied, dict):
+        # With tie_word_embeddings=False transformers re-ties nothing on load, so every other tie the flag governed
+        # (BERT's decoder bias) gets its own copy too; otherwise save_pretrained would drop one key as a duplicate.
+        for target in list(tied):
+            module_name, _, param_name = target.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            param = getattr(module, param_name, None)
+            if isinstance(param, nn.Parameter):
+                setattr(module, param_name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
         tied.clear()
     return True
 

@@ -172,3 +172,16 @@ def test_plan_lists_roles_without_modifying():
     assert plan.tied_head
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_untie_gives_other_flag_governed_ties_their_own_copy(tmp_path):
+    """BERT ties its decoder bias through the same flag as the head: it must survive save → load."""
+    import transformers as T
+    from tiny_models import perturb_
+
+    model = perturb_(T.BertForMaskedLM(T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64)))
+    normswap.convert_(model, approximate=True)
+    loaded = normswap.load(normswap.save(model, tmp_path / "out"))
+    probes = make_probes(model, seq_len=12)
+    torch.testing.assert_close(run(loaded, probes), run(model, probes), rtol=0, atol=1e-5)
