@@ -19,6 +19,7 @@ import transformers
 from torch import nn
 
 from normswap.errors import CheckpointError, NormswapError, OutputExistsError
+from normswap.publish import load_output_config, write_publish_files
 from normswap.surgery import swap_named_norms_
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ def save(
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as fh:
                 fh.write(content)
+        write_publish_files(model, tmp, source_dir=source_dir, name=Path(path).name)  # card, remote code, auto_map
     return Path(path).resolve()
 
 
@@ -215,9 +217,7 @@ def load(
     """Load a normswap output and swap in ``normswap.RMSNorm`` at every norm the conversion swapped."""
     path = str(path)
     try:
-        from normswap.publish.remote_code import load_output_config  # stock config even for normswap_<type> outputs
-
-        config = load_output_config(path)
+        config = load_output_config(path)  # the stock config, also for outputs that name a normswap_<type>
     except Exception as exc:  # noqa: BLE001
         raise _wrap_load_error(path, exc) from exc
     meta = getattr(config, "normswap", None)

@@ -1,0 +1,166 @@
+"""RMSNorm for a checkpoint converted by normswap, loadable with plain transformers (``trust_remote_code=True``).
+
+normswap copies this file into every output folder, followed by a few generated class definitions, and points
+``auto_map`` in ``config.json`` at them. It deliberately imports only torch and transformers: people who load a
+published checkpoint do not have normswap installed.
+
+Each generated model class subclasses the stock transformers class and, as soon as the stock ``__init__`` has built
+the modules (before any weight is loaded), replaces every LayerNorm named in ``config.normswap["swapped_norms"]``
+with :class:`RMSNorm`. The replacement keeps the parameter names ``weight`` and ``bias``, so the checkpoint's keys load
+unchanged, and the maths is exactly normswap's (same op order, so the logits match ``normswap.load``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+import transformers  # noqa: F401 - the generated classes at the end subclass transformers.<Class>
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x**2) + eps) * weight + bias`` over the last dim, in float32 for fp16/bf16 inputs.
+
+    Low-precision inputs are normalised in float32 and cast back once, because rounding ``x / rms`` before the gain
+    multiply loses accuracy; this mirrors normswap's reference kernel so both give the same numbers.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        y = _rms(x.float(), None, eps)
+        if weight is not None:
+            y = y * weight.float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+    y = _rms(x, weight, eps)
+    return y + bias if bias is not None else y
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if hasattr(F, "rms_norm"):  # torch >= 2.4
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return y * weight if weight is not None else y
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with an optional bias, holding the parameters of the LayerNorm it replaces (same names, no copy).
+
+    On a zero-mean input it equals that LayerNorm, which is why an exact conversion also loads in the stock class.
+    """
+
+    def __init__(self, layernorm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.normalized_shape = tuple(layernorm.normalized_shape)
+        self.eps = float(layernorm.eps)
+        self.elementwise_affine = getattr(layernorm, "weight", None) is not None
+        self.weight = layernorm.weight
+        self.bias = getattr(layernorm, "bias", None)
+        self.train(layernorm.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, bias={self.bias is not None}"
+
+
+class CenteredRMSNorm(RMSNorm):
+    """RMSNorm whose output is re-centred to zero mean: for a norm that writes into the residual stream.
+
+    Every later RMSNorm needs a zero-mean stream, and ``weight * x_hat + bias`` is not zero-mean (BLOOM's embedding
+    norm is the case in point).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y - y.mean(dim=-1, keepdim=True)
+
+
+def _resolve(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
+    """Find ``name`` (recorded on the saved class) in ``model``, which may be the base model or another head.
+
+    Names carry the saved class's ``base_model_prefix`` (``transformer.h.0.ln_1``); the bare base model lacks it, and a
+    head class loading a base-model checkpoint needs it added.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(name[len(prefix) + 1:])
+    elif prefix:
+        candidates.append(f"{prefix}.{name}")
+    for candidate in candidates:
+        try:
+            return candidate, model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def swap_layernorms_(model: nn.Module, names, recentered=()) -> int:
+    """Replace the listed LayerNorms of ``model`` by RMSNorm (CenteredRMSNorm for ``recentered``); returns the count.
+
+    A listed norm outside the base model (a head norm) may be absent when the checkpoint is loaded into another head
+    class: it is skipped. A norm inside the base model that cannot be found means the metadata does not describe this
+    model, and loading it with LayerNorm would be silently wrong, so that raises.
+    """
+    recentered = set(recentered)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    count = 0
+    for name in names:
+        found = _resolve(model, name)
+        if found is None:
+            if prefix and name.startswith(prefix + "."):
+                raise ValueError(f"normswap metadata lists {name} as an RMSNorm, but {type(model).__name__} has no such module")
+            logger.info("normswap: %s is not part of %s; left as is", name, type(model).__name__)
+            continue
+        full, module = found
+        if isinstance(module, RMSNorm):
+            continue
+        if not isinstance(module, nn.LayerNorm):
+            raise ValueError(f"normswap metadata lists {full} as a LayerNorm to swap, but it is a {type(module).__name__}")
+        cls = CenteredRMSNorm if name in recentered else RMSNorm
+        parent_name, _, child = full.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, cls(module))
+        count += 1
+    return count
+
+
+class NormswapMixin:
+    """Put before the stock class: ``class NormswapGPT2LMHeadModel(NormswapMixin, transformers.GPT2LMHeadModel)``."""
+
+    def __init__(self, config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        meta = getattr(config, "normswap", None)
+        if isinstance(meta, dict) and meta.get("swapped_norms"):
+            swap_layernorms_(self, meta["swapped_norms"], meta.get("recentered_norms") or ())
+
+
+def share_weight_conversions(stock_model_type: str, classes: dict, custom_model_type: str | None = None) -> None:
+    """Let the generated classes load checkpoints saved under legacy key names, as the stock classes do.
+
+    transformers renames legacy keys (e.g. ViT's ``encoder.layer.N.attention.output.dense``) through conversion
+    mappings looked up by class name or ``model_type``, and skips that lookup for custom code unless the mapping was
+    registered for the custom name. ``classes`` maps each generated class name to its stock class name. Older
+    transformers versions have no such registry, and need nothing.
+    """
+    try:
+        from transformers import conversion_mapping
+    except ImportError:
+        return
+    get = getattr(conversion_mapping, "get_checkpoint_conversion_mapping", None)
+    register = getattr(conversion_mapping, "register_checkpoint_conversion_mapping", None)
+    if get is None or register is None:
+        return
+    pairs = list(classes.items()) + ([(custom_model_type, stock_model_type)] if custom_model_type else [])
+    for custom, stock in pairs:
+        mapping = get(stock) or get(stock_model_type)
+        if mapping:
+            register(custom, mapping, overwrite=True)
+
+
+# The classes below are generated by normswap for this checkpoint.
