@@ -15,8 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import normswap  # noqa: E402
 from tiny_models import EXACT_ROWS, make  # noqa: E402
+
+import normswap  # noqa: E402
 from normswap.verify import make_probes, primary_output  # noqa: E402
 
 
