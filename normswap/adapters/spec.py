@@ -84,7 +84,8 @@ class Adapter:
     norm_position: Literal["pre", "post"] = "pre"
     #: Config settings that make this architecture post-LN; exact conversion refuses them.
     post_ln_when: tuple[PostLNCondition, ...] = ()
-    #: On-disk key aliases (streaming conversion): {name in the loaded model: name in the file}.
+    #: On-disk key aliases (streaming conversion): {name in the loaded model: name in the file}. Keys are whole dotted
+    #: names or fragments of them (matched on whole components, one pass), e.g. ViT's {"layers": "encoder.layer"}.
     disk_aliases: dict[str, str] = field(default_factory=dict)
     notes: str = ""
 

@@ -1,0 +1,67 @@
+"""The ``--streaming`` side of ``normswap convert``: flags, the automatic switch for big checkpoints, and the run.
+
+Kept here so ``normswap/cli/convert.py`` only gains two calls; printing happens in this CLI layer, never below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from normswap.errors import NormswapError
+from normswap.streaming.converter import AUTO_STREAM_RAM_FRACTION, convert_streaming, streaming_reason
+from normswap.streaming.output import DEFAULT_MAX_SHARD_SIZE, parse_size
+
+
+def _size(text: str) -> str:
+    try:
+        parse_size(text)
+    except NormswapError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_streaming_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("streaming (checkpoints larger than RAM)")
+    g.add_argument("--streaming", action="store_true",
+                   help="convert tensor by tensor from the safetensors shards without building the model (automatic "
+                   f"when the checkpoint needs more than {AUTO_STREAM_RAM_FRACTION:.0%} of the available RAM)")
+    g.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_SIZE,
+                   help=f"largest output shard with --streaming, e.g. 2GB, 500MB (default {DEFAULT_MAX_SHARD_SIZE})")
+
+
+def _unstreamable_flags(args: argparse.Namespace) -> list[str]:
+    flags = [("--fold-gain", "fold_gain"), ("--fold-bias", "fold_bias"), ("--approximate", "approximate")]
+    return [flag for flag, attr in flags if getattr(args, attr, False)]
+
+
+def maybe_run_streaming(args: argparse.Namespace, src: str, out) -> int | None:
+    """Run the streaming conversion when asked to (or when the checkpoint is too big); None: use the in-memory path."""
+    blocked = _unstreamable_flags(args)
+    if args.streaming:
+        if blocked:
+            raise NormswapError(
+                f"{', '.join(blocked)} cannot stream: folding and the approximate path use a probe pass through the "
+                "whole model. Drop --streaming (needs RAM for the model) or drop those flags"
+            )
+    else:
+        reason = streaming_reason(src)
+        if reason is None:
+            return None
+        if blocked:
+            print(f"note: {reason}, but {', '.join(blocked)} need(s) the whole model in memory: converting in memory")
+            return None
+        print(f"{reason}: converting shard by shard (streaming mode)")
+
+    print(f"streaming {src}")
+    result = convert_streaming(src, out, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
+                               tolerance=args.tolerance, revision=args.revision, progress=True)
+    print(result.report.summary())
+    if args.json:
+        payload = {**result.report.to_dict(), "streaming": {**result.stats.__dict__, "verification": result.verification_scope}}
+        print(json.dumps(payload, indent=2, default=str))
+    if not getattr(args, "no_eval", True):
+        print("note: no before/after perplexity and throughput report in streaming mode; run `normswap eval` on the "
+              "output where it fits")
+    print(f"saved {result.path}")
+    return 0
