@@ -43,7 +43,7 @@ def test_already_rmsnorm_exits_zero_without_writing(tmp_path, capsys):
     with pytest.raises(AlreadyRMSNormError, match="already uses RMSNorm"):
         normswap.convert_(llama)
     src = save_source(llama, tmp_path / "llama")
-    assert main(["convert", str(src), "-o", str(tmp_path / "out")]) == 0
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--no-eval"]) == 0
     assert "already uses RMSNorm" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
 
@@ -75,11 +75,11 @@ def test_existing_output_refused_without_force(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    assert main(["convert", str(src), "-o", str(out)]) == 2
+    assert main(["convert", str(src), "-o", str(out), "--no-eval"]) == 2
     err = capsys.readouterr().err
     assert "exists and is not empty" in err and "--force" in err
     assert (out / "keep.txt").read_text() == "precious"
-    assert main(["convert", str(src), "-o", str(out), "--force"]) == 0
+    assert main(["convert", str(src), "-o", str(out), "--force", "--no-eval"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert leftovers(tmp_path) == []
 
@@ -87,9 +87,9 @@ def test_existing_output_refused_without_force(tmp_path, capsys):
 def test_source_never_modified_and_output_not_source(tmp_path, capsys):
     src = save_source(make("gpt2"), tmp_path / "src")
     before = digest(src)
-    assert main(["convert", str(src), "-o", str(tmp_path / "out")]) == 0
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--no-eval"]) == 0
     assert digest(src) == before
-    assert main(["convert", str(src), "-o", str(src), "--force"]) == 2
+    assert main(["convert", str(src), "-o", str(src), "--force", "--no-eval"]) == 2
     assert "never modifies the source" in capsys.readouterr().err
     assert digest(src) == before
 
@@ -110,7 +110,7 @@ def test_crash_during_save_leaves_no_output(tmp_path, monkeypatch):
 
 def test_missing_tokenizer_converts_anyway_and_says_so(tmp_path, capsys):
     src = save_source(make("gpt2"), tmp_path / "src")
-    assert main(["convert", str(src), "-o", str(tmp_path / "out")]) == 0
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--no-eval"]) == 0
     assert "no tokenizer" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors").exists()
 
@@ -118,7 +118,7 @@ def test_missing_tokenizer_converts_anyway_and_says_so(tmp_path, capsys):
 def test_tokenizer_files_are_copied(tmp_path):
     from normswap.assets import DEFAULT_MODEL
 
-    assert main(["convert", str(DEFAULT_MODEL), "-o", str(tmp_path / "out")]) == 0
+    assert main(["convert", str(DEFAULT_MODEL), "-o", str(tmp_path / "out"), "--no-eval"]) == 0
     assert (tmp_path / "out" / "tokenizer.json").exists()
     tok = T.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tok("To be, or not to be")["input_ids"]
@@ -130,13 +130,13 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         normswap.load_source(src)
-    assert main(["convert", str(src), "-o", str(tmp_path / "out")]) == 2
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--no-eval"]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_source_is_a_clear_error(tmp_path, capsys):
-    assert main(["convert", str(tmp_path / "nope"), "-o", str(tmp_path / "out")]) == 2
+    assert main(["convert", str(tmp_path / "nope"), "-o", str(tmp_path / "out"), "--no-eval"]) == 2
     assert "could not load" in capsys.readouterr().err
 
 
@@ -150,10 +150,10 @@ def test_nan_weights_refused_naming_the_tensor():
 
 def test_failed_verification_refuses_to_save_unless_forced(tmp_path, capsys):
     src = save_source(make("gpt2"), tmp_path / "src")
-    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--tolerance", "1e-30"]) == 2
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--tolerance", "1e-30", "--no-eval"]) == 2
     assert "verification failed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--tolerance", "1e-30", "--force"]) == 0
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--tolerance", "1e-30", "--force", "--no-eval"]) == 0
     cfg = T.AutoConfig.from_pretrained(tmp_path / "out")
     assert cfg.normswap["verification"]["passed"] is False
 

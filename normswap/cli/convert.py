@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from normswap.assets import resolve_model
+from normswap.cli.eval import add_convert_arguments, start_convert_evaluation
+from normswap.streaming.cli import add_streaming_arguments, maybe_run_streaming
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,13 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold-gain", action="store_true", help="fold each norm's gain into its readers' weights")
     p.add_argument("--force", action="store_true",
                    help="replace an existing output folder and save even if verification fails")
-    p.add_argument("--dtype", default="float32",
-                   help="dtype of the saved weights (surgery always runs in float64/float32): float32, bfloat16, float16")
+    p.add_argument("--dtype", default=None,
+                   help="dtype of the saved weights (surgery always runs in float64/float32): float32, bfloat16, float16 "
+                   "(default: float32; with --streaming: each tensor's own dtype)")
     p.add_argument("--device", default=None, help="device for loading and verification (e.g. cpu, cuda)")
     p.add_argument("--revision", default=None, help="hub revision of the source")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max relative |Δlogit| accepted for an exact conversion (default 1e-4 in fp32)")
     p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
+    add_convert_arguments(p)
+    add_streaming_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -47,12 +52,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else default_output(src)
     if Path(src).exists() and out.resolve() == Path(src).resolve():
         raise normswap.errors.NormswapError("the output folder is the source folder; normswap never modifies the source")
-    out_dtype = parse_dtype(args.dtype)
+    streamed = maybe_run_streaming(args, src, out)  # --streaming, or automatic for checkpoints too big for RAM
+    if streamed is not None:
+        return streamed
+    out_dtype = parse_dtype(args.dtype or "float32")
 
     print(f"loading {src}")
     source = load_source(src, dtype="float32", device=args.device, revision=args.revision)
     if source.tokenizer is None:
         print("note: no tokenizer found next to the model; converting anyway (probes use random token ids)")
+    evaluation = start_convert_evaluation(args, source, out)  # "before" must be measured before the in-place convert_
     report = normswap.convert_(
         source.model, approximate=args.approximate, fold_gain=args.fold_gain, fold_bias=args.fold_bias,
         tolerance=args.tolerance, tokenizer=source.tokenizer,
@@ -68,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
             "verification failed, so nothing was saved: the converted model does not match the original within "
             f"tolerance ({report.verification.summary()}). Pass --force to save it anyway."
         )
+    extra_files = evaluation.finish(report, src, out) if evaluation is not None else None
     path = normswap.save(source.model, out, tokenizer=source.tokenizer, source_dir=source.local_dir,
-                         force=args.force, dtype=out_dtype)
+                         force=args.force, dtype=out_dtype, extra_files=extra_files)
     print(f"saved {path}")
     return 0
