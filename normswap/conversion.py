@@ -10,6 +10,7 @@ from torch import nn
 
 from normswap import __version__
 from normswap.adapters import get_adapter
+from normswap.approximate import fold_bias_means_
 from normswap.errors import NotExactError
 from normswap.folding import FoldResult, fold_
 from normswap.surgery import (
@@ -40,6 +41,8 @@ class ConversionReport:
     kept_norms: list[str]
     unaccounted_norms: list[str]
     folds: dict = field(default_factory=dict)
+    #: Approximate mode: norms whose mean(β) moved into their readers' biases (name -> mean), and why others did not.
+    bias_means: dict = field(default_factory=dict)
     verification: VerificationResult | None = None
     notes: list[str] = field(default_factory=list)
     normswap_version: str = __version__
@@ -136,12 +139,13 @@ def convert_(
         raise NotExactError(not_exact_message(plan))
     check_finite(model)
 
-    if probes is None and (verify_result or fold_gain or fold_bias):
+    if probes is None and (verify_result or fold_gain or fold_bias or (approximate and plan.approximate_norms)):
         probes = make_probes(model, tokenizer)
     reference = reference_outputs(model, probes) if verify_result else None
 
     untied = untie_head_(model)
     center_writers_(plan.writers)
+    bias_means = fold_bias_means_(model, plan, probes) if approximate and plan.approximate_norms else None
     fold_result = FoldResult()
     if fold_gain or fold_bias:
         fold_result = fold_(model, plan.norms, probes, gain=fold_gain, bias=fold_bias)
@@ -155,6 +159,11 @@ def convert_(
             f"{len(plan.approximate_norms)} norm(s) read a stream that is not zero-mean; their swap is approximate "
             "(see verification; heal with `normswap finetune`)"
         )
+    if bias_means is not None and bias_means.folded:
+        notes.append(
+            f"moved mean(β) of {len(bias_means.folded)} norm(s) into the biases of the layers that read them "
+            "(the LayerNorm model is unchanged; the RMSNorms downstream see a smaller mean)"
+        )
     report = ConversionReport(
         model_type=plan.adapter.model_type,
         mode="approximate" if approximate and plan.approximate_norms else "exact",
@@ -166,6 +175,7 @@ def convert_(
         kept_norms=plan.kept,
         unaccounted_norms=plan.unaccounted,
         folds={"gain": fold_gain, "bias": fold_bias, **asdict(fold_result)},
+        bias_means=asdict(bias_means) if bias_means is not None else {},
         notes=notes,
     )
     if verify_result:

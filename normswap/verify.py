@@ -118,6 +118,8 @@ class VerificationResult:
     norm_inputs: dict[str, NormInputStats] = field(default_factory=dict)
     uncentered_exact_norms: list[str] = field(default_factory=list)
     passed: bool = True
+    #: Mean over tokens of the hidden-state cosine (encoders): the typical damage, where ``cosine_min`` is the worst.
+    cosine_mean: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -135,6 +137,8 @@ class VerificationResult:
             parts.append(f"top-1 agreement = {100 * self.top1_agreement:.2f}%")
         if self.cosine_min is not None:
             parts.append(f"min cosine = {self.cosine_min:.6f}")
+        if self.cosine_mean is not None:
+            parts.append(f"mean cosine = {self.cosine_mean:.6f}")
         worst = max((s.max_mean_over_rms for s in self.norm_inputs.values() if s.exact), default=0.0)
         parts.append(f"max |mean|/rms at exact norm inputs = {worst:.1e}")
         return ", ".join(parts)
@@ -180,14 +184,15 @@ def verify(
     ref_max = float(reference.abs().max())
     rel = max_abs / max(ref_max, 1e-30)
     is_logits = _is_logits(model, out)
-    kl = top1 = cos = None
+    kl = top1 = cos = cos_mean = None
     if is_logits:
         logp_ref = torch.log_softmax(reference, -1)
         logp = torch.log_softmax(out, -1)
         kl = float((logp_ref.exp() * (logp_ref - logp)).sum(-1).mean())
         top1 = float((reference.argmax(-1) == out.argmax(-1)).double().mean())
     else:
-        cos = float(torch.nn.functional.cosine_similarity(out, reference, dim=-1).min())
+        cosines = torch.nn.functional.cosine_similarity(out, reference, dim=-1)
+        cos, cos_mean = float(cosines.min()), float(cosines.mean())
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
     norm_stats = {
@@ -210,4 +215,5 @@ def verify(
         norm_inputs=norm_stats,
         uncentered_exact_norms=uncentered,
         passed=passed,
+        cosine_mean=cos_mean,
     )
