@@ -93,14 +93,14 @@ def test_writers_are_centred_along_the_hidden_dim_for_each_layout():
     model = make("gpt2")  # Conv1D writers
     normswap.convert_(model, verify_result=False)
     c_proj = model.transformer.h[0].attn.c_proj  # Conv1D: weight [in, out=hidden]
-    assert float(c_proj.weight.double().mean(dim=1).abs().max()) < 1e-6
-    assert abs(float(c_proj.bias.double().mean())) < 1e-6
+    assert float(c_proj.weight.detach().double().mean(dim=1).abs().max()) < 1e-6
+    assert abs(float(c_proj.bias.detach().double().mean())) < 1e-6
     vit = make("vit-model")  # Conv2d patch embedding + bare parameters
     normswap.convert_(vit, verify_result=False)
     proj = vit.embeddings.patch_embeddings.projection
-    assert float(proj.weight.double().mean(dim=0).abs().max()) < 1e-6
-    assert float(vit.embeddings.cls_token.double().mean(-1).abs().max()) < 1e-6
-    assert float(vit.embeddings.position_embeddings.double().mean(-1).abs().max()) < 1e-6
+    assert float(proj.weight.detach().double().mean(dim=0).abs().max()) < 1e-6
+    assert float(vit.embeddings.cls_token.detach().double().mean(-1).abs().max()) < 1e-6
+    assert float(vit.embeddings.position_embeddings.detach().double().mean(-1).abs().max()) < 1e-6
 
 
 def test_bloom_embedding_norm_becomes_recentring_norm():
