@@ -35,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``args.func`` and turn normswap's errors into one line and an exit code (shared by every entry point).
+
+    A subcommand may set ``interrupted_hint`` (via ``set_defaults``) to tell the user how to continue after Ctrl-C.
+    """
     try:
         return int(args.func(args) or 0)
     except AlreadyRMSNormError as exc:
@@ -48,8 +49,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"normswap: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("normswap: interrupted; no output was written.", file=sys.stderr)
+        hint = getattr(args, "interrupted_hint", "")
+        print(f"normswap: interrupted; no output was written{hint}.", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 
@@ -34,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="dtype of the saved weights (default: as trained, float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the fine-tuning report as JSON")
+    p.set_defaults(func=run, interrupted_hint=" (continue with --resume)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "recipe, with checkpoints and --resume; writes the healed model and a before/after report.",
     )
     add_arguments(p)
-    p.set_defaults(func=run)
 
 
 def default_work_dir(output: Path) -> Path:
@@ -139,15 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m normswap.finetune`` / ``accelerate launch -m normswap.finetune``."""
     import logging
 
-    from normswap.errors import NormswapError
+    from normswap.cli import run_command
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    try:
-        return run(args)
-    except NormswapError as exc:
-        print(f"normswap: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("normswap: interrupted; no output was written (continue with --resume).", file=sys.stderr)
-        return 130
+    return run_command(args)
