@@ -131,6 +131,26 @@ def skeleton_model(src: str | os.PathLike, revision: str | None = None) -> nn.Mo
     return model
 
 
+def check_output_target(target: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty output unless ``overwrite``: checked before any work starts."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if not overwrite:
+            raise OutputExistsError(
+                f"output folder {target} exists and is not empty; choose another path or pass --force to replace it"
+            )
+
+
+def replace_target(finished: Path, target: Path) -> None:
+    """Move a finished folder into place; an existing target is moved aside first and removed only afterwards."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.normswap-old-{os.getpid()}")
+        target.rename(old)
+    finished.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder beside ``path``; rename it into place only if the block finishes.
@@ -139,22 +159,12 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
     unless ``overwrite``.
     """
     target = Path(path).resolve()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        if not overwrite:
-            raise OutputExistsError(
-                f"output folder {target} exists and is not empty; choose another path or pass --force to replace it"
-            )
+    check_output_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.normswap-tmp-", dir=target.parent))
     try:
         yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.normswap-old-{os.getpid()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_target(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

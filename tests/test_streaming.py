@@ -18,7 +18,9 @@ from normswap.cli import main
 from normswap.errors import CheckpointError, NormswapError, NotExactError, OutputExistsError
 from normswap.norm import CenteredRMSNorm, RMSNorm
 from normswap.streaming import convert_streaming, parse_size
+from normswap.streaming.resume import LOCK_FILE, STATE_FILE, partial_folder
 from normswap.streaming.transform import center_into
+from normswap.streaming.writer import ShardWriter
 from normswap.verify import make_probes, primary_output
 
 H = 32  # hidden size of every tiny model
@@ -138,7 +140,8 @@ def logits(model, probes) -> torch.Tensor:
 
 
 def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".normswap-tmp-" in p.name or "normswap-verify" in p.name)
+    marks = (".normswap-tmp-", "normswap-verify", ".normswap-partial")
+    return sorted(p.name for p in parent.iterdir() if any(m in p.name for m in marks))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -326,6 +329,101 @@ def test_post_ln_model_is_refused_in_streaming_mode(tmp_path):
     with pytest.raises(NotExactError, match="do_layer_norm_before=False.*does not stream"):
         convert_streaming(src, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# --- resuming an interrupted run ------------------------------------------------------------------------------------
+
+def interrupt_after(monkeypatch, n_tensors: int) -> None:
+    """Make the run die as Ctrl-C would: in the main thread, as it is about to write its n-th tensor."""
+    original, calls = ShardWriter.write, []
+
+    def write(self, t):
+        calls.append(t.key)
+        if len(calls) == n_tensors:
+            raise KeyboardInterrupt
+        original(self, t)
+
+    monkeypatch.setattr(ShardWriter, "write", write)
+
+
+def interrupted(src: Path, out: Path, monkeypatch, cli: bool = False) -> list[str]:
+    """Run a conversion that gets interrupted half-way; the names of the shards it finished."""
+    with monkeypatch.context() as m:
+        interrupt_after(m, len(read_all(src)) // 2)
+        if cli:
+            assert main(["convert", str(src), "-o", str(out), "--streaming", "--max-shard-size", "8KB"]) == 130
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                convert_streaming(src, out, max_shard_size="8KB", verify="none", progress=False)
+    assert not out.exists()
+    return json.loads((partial_folder(out) / STATE_FILE).read_text())["done"]
+
+
+def test_interrupted_run_resumes_without_rewriting_finished_shards(tmp_path, monkeypatch):
+    src = save_sharded(make_model("gpt2"), tmp_path / "src")
+    fresh = convert_streaming(src, tmp_path / "fresh", max_shard_size="8KB", verify="none", progress=False)
+    assert fresh.stats.shards >= 4
+
+    done = interrupted(src, tmp_path / "out", monkeypatch)
+    assert 2 <= len(done) < fresh.stats.shards
+    partial = partial_folder(tmp_path / "out")
+    kept = {name: (partial / name).stat() for name in done}
+
+    result = convert_streaming(src, tmp_path / "out", max_shard_size="8KB", progress=False)
+    assert result.stats.resumed_shards == len(done)
+    assert f"{len(done)} more kept from an interrupted run" in result.stats.summary()
+    assert result.report.verification.passed
+    for name, before in kept.items():  # the very same files, never reopened for writing
+        after = (tmp_path / "out" / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
+    assert_same_tensors(read_all(tmp_path / "out"), read_all(fresh.path), rel=0.0)
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(fresh.path))
+    assert leftovers(tmp_path) == []
+
+
+def test_partial_work_from_a_changed_source_is_discarded(tmp_path, monkeypatch, caplog):
+    src = save_sharded(make_model("gpt2", seed=0), tmp_path / "src")
+    assert interrupted(src, tmp_path / "out", monkeypatch)
+    save_sharded(make_model("gpt2", seed=1), src)  # new weights in the source: nothing may be reused
+    with caplog.at_level("WARNING", logger="normswap.streaming.resume"):
+        result = convert_streaming(src, tmp_path / "out", max_shard_size="8KB", verify="none", progress=False)
+    assert "discarding the partial conversion" in caplog.text and "files differ" in caplog.text
+    assert result.stats.resumed_shards == 0
+    fresh = convert_streaming(src, tmp_path / "fresh", max_shard_size="8KB", verify="none", progress=False)
+    assert_same_tensors(read_all(result.path), read_all(fresh.path), rel=0.0)
+
+
+def test_damaged_shard_is_rewritten_on_resume(tmp_path, monkeypatch):
+    src = save_sharded(make_model("gpt2"), tmp_path / "src")
+    done = interrupted(src, tmp_path / "out", monkeypatch)
+    with open(partial_folder(tmp_path / "out") / done[-1], "r+b") as fh:
+        fh.truncate(100)
+    result = convert_streaming(src, tmp_path / "out", max_shard_size="8KB", verify="none", progress=False)
+    assert result.stats.resumed_shards == len(done) - 1
+    fresh = convert_streaming(src, tmp_path / "fresh", max_shard_size="8KB", verify="none", progress=False)
+    assert_same_tensors(read_all(result.path), read_all(fresh.path), rel=0.0)
+
+
+def test_cli_no_resume_starts_over_and_a_concurrent_run_is_refused(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    src = save_sharded(make_model("gpt2"), tmp_path / "src")
+    done = interrupted(src, tmp_path / "out", monkeypatch, cli=True)
+    assert "interrupted; no output was written (the finished shards are kept: run the same command again to resume" \
+        in capsys.readouterr().err
+    partial = partial_folder(tmp_path / "out")
+    with open(partial / LOCK_FILE) as held:  # another run holds the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--streaming"]) == 2
+        assert "another normswap run is writing" in capsys.readouterr().err
+    assert json.loads((partial / STATE_FILE).read_text())["done"] == done  # the refused run touched nothing
+
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--streaming", "--max-shard-size", "8KB",
+                 "--no-resume", "--json"]) == 0
+    out = capsys.readouterr().out
+    payload = json.loads(out[out.index("\n{") + 1:out.index("\n}\n") + 2])
+    assert payload["streaming"]["resumed_shards"] == 0
+    assert not partial.exists()
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ def add_streaming_arguments(p: argparse.ArgumentParser) -> None:
                    f"when the checkpoint needs more than {AUTO_STREAM_RAM_FRACTION:.0%} of the available RAM)")
     g.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_SIZE,
                    help=f"largest output shard with --streaming, e.g. 2GB, 500MB (default {DEFAULT_MAX_SHARD_SIZE})")
+    g.add_argument("--no-resume", action="store_true",
+                   help="with --streaming, discard the finished shards of an interrupted run of the same conversion "
+                   "instead of keeping them (by default, running an interrupted command again resumes it)")
 
 
 def _unstreamable_flags(args: argparse.Namespace) -> list[str]:
@@ -54,8 +57,11 @@ def maybe_run_streaming(args: argparse.Namespace, src: str, out) -> int | None:
         print(f"{reason}: converting shard by shard (streaming mode)")
 
     print(f"streaming {src}")
+    args.interrupted_hint = (" (the finished shards are kept: run the same command again to resume, or add "
+                             "--no-resume to start over)")
     result = convert_streaming(src, out, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
-                               tolerance=args.tolerance, revision=args.revision, progress=True)
+                               tolerance=args.tolerance, revision=args.revision, progress=True,
+                               resume=not args.no_resume)
     print(result.report.summary())
     if args.json:
         payload = {**result.report.to_dict(), "streaming": {**result.stats.__dict__, "verification": result.verification_scope}}

@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from normswap.adapters import get_adapter
-from normswap.checkpoint import atomic_output_dir, copy_preprocessing_files, model_class_for, parse_dtype
+from normswap.checkpoint import copy_preprocessing_files, model_class_for, parse_dtype
 from normswap.conversion import ConversionReport
 from normswap.errors import AlreadyRMSNormError, CheckpointError, NormswapError, NotExactError, VerificationError
 from normswap.folding import FoldResult
@@ -38,6 +38,7 @@ from normswap.streaming.output import (
     write_index,
 )
 from normswap.streaming.plan import StreamPlan, plan_streaming
+from normswap.streaming.resume import fingerprint, partial_folder, resumable_output_dir
 from normswap.streaming.safetensors_io import TORCH_DTYPES, read_tensor
 from normswap.streaming.source import SourceCheckpoint, available_ram, open_checkpoint
 from normswap.streaming.writer import StreamingStats, write_shards
@@ -186,13 +187,16 @@ def convert_streaming(
     tolerance: float | None = None,
     revision: str | None = None,
     progress: bool = True,
+    resume: bool = True,
 ) -> StreamingResult:
     """Convert a safetensors checkpoint shard by shard into ``output`` (atomically) and verify it (exact mode only).
 
     ``dtype`` casts floating tensors (default: keep each tensor's dtype). ``verify``: ``"auto"`` runs the full
     before/after comparison when both models fit in a quarter of the available RAM, else a truncated model made of
     the first and last layers, else nothing (the report says which); ``"full"``, ``"sample"``, ``"none"`` force one.
-    A failed verification leaves no output unless ``force``. Peak memory is at most two writer tensors (one being
+    A failed verification leaves no output unless ``force``. The work happens in ``.NAME.normswap-partial`` beside
+    the output; if a run is interrupted, running it again keeps the shards it finished (``resume=False`` starts
+    over), see :mod:`normswap.streaming.resume`. Peak memory is at most two writer tensors (one being
     centred, the previous one being written) plus ~0.45 GB of Python/torch/transformers, whatever the checkpoint
     size; the verification phase, when it runs, loads the (possibly truncated) models on top of that.
     """
@@ -225,7 +229,8 @@ def convert_streaming(
 
     tensors = plan_tensors(source, plan, out_dtype)
     shards = pack_shards(tensors, shard_limit, {"format": "pt"})
-    out_bytes = sum(s.size for s in shards)
+    partial = partial_folder(target)
+    out_bytes = sum(s.size for s in shards if not (resume and (partial / s.name).is_file()))  # kept when resuming
     target.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target.parent).free
     if out_bytes > free:
@@ -243,9 +248,12 @@ def convert_streaming(
     def metadata() -> dict:
         return report.metadata(source_id, revision, out_dtype_name)
 
+    options = {"dtype": str(out_dtype), "max_shard_size": shard_limit}
+    expected = fingerprint(source, shards, options)
     started = time.perf_counter()
-    with atomic_output_dir(target, overwrite=force) as tmp:
-        stats = write_shards(tmp, shards, tensors, progress)
+    with resumable_output_dir(target, expected=expected, shards=shards, overwrite=force, resume=resume) as state:
+        tmp = state.folder
+        stats = write_shards(tmp, shards, tensors, progress, skip=frozenset(state.resumed), on_sealed=state.mark_done)
         stats.source_bytes = source.nbytes
         stats.seconds = time.perf_counter() - started
         stats.peak_rss_bytes = peak_rss()

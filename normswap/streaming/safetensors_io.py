@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ ITEMSIZE: dict[str, int] = {
 }
 #: Codes whose tensors are weights that follow ``--dtype`` (the in-memory path's ``model.to(dtype)`` casts these).
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+#: ``sendfile`` writes at the destination's file position: the lseek and the call must not interleave between threads.
+_SENDFILE_LOCK = threading.Lock()
 
 #: Largest single read/write/copy request: Linux caps one call near 2 GiB, and smaller pieces keep copies cheap.
 IO_CHUNK = 256 * 2**20
@@ -173,8 +177,8 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyte
     """Copy bytes between files inside the kernel, never through a Python buffer when it can be avoided.
 
     ``copy_file_range`` first (same filesystem; may share extents); across filesystems ``sendfile`` (which writes at
-    the destination's file position, so this must be the only writer of ``dst_fd`` at that moment); small reads and
-    writes as a last resort.
+    the destination's file position, so those calls are serialised); small reads and writes as a last resort. Safe to
+    call from several threads on the same descriptors.
     """
     done = 0
     for method in ("copy_file_range", "sendfile"):
@@ -186,8 +190,9 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbyte
                 if method == "copy_file_range":
                     n = os.copy_file_range(src_fd, dst_fd, count, src_offset + done, dst_offset + done)
                 else:
-                    os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
-                    n = os.sendfile(dst_fd, src_fd, src_offset + done, count)
+                    with _SENDFILE_LOCK:
+                        os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
+                        n = os.sendfile(dst_fd, src_fd, src_offset + done, count)
                 if n == 0:
                     raise CheckpointError(f"unexpected end of file while copying {nbytes} bytes at offset {src_offset}")
                 done += n

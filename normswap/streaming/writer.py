@@ -3,7 +3,8 @@
 Two things run at once: the main thread reads a writer and centres it, while one I/O thread writes the previous
 writer out and copies the pass-through tensors between them (both release the GIL). Writers alternate between two
 reusable buffers, so at most two tensors are in memory, and reusing the buffers avoids faulting in fresh pages for
-every tensor (which costs as much as the copy itself).
+every tensor (which costs as much as the copy itself). A second I/O thread was measured and was slower: the kernel's
+page-cache copies contend with each other on two CPUs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from normswap.streaming.transform import cast_into, center_into, single_threaded
 
 #: Elements per read when a tensor is only re-typed (16 MB of float32).
 CAST_CHUNK = 4 * 2**20
+#: Threads moving bytes (writes of centred writers, file-to-file copies, per-shard fsync).
+IO_THREADS = 1
 
 
 @dataclass
@@ -41,26 +45,32 @@ class StreamingStats:
     peak_rss_bytes: int = 0
     largest_tensor_bytes: int = 0
     shards: int = 0
+    resumed_shards: int = 0  # finished by an interrupted earlier run and kept, not rewritten
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes_read / 1e6 / max(self.seconds, 1e-9)
 
     def summary(self) -> str:
+        resumed = f" ({self.resumed_shards} more kept from an interrupted run)" if self.resumed_shards else ""
         return (f"streamed {self.bytes_read / 1e9:.2f} GB in {self.seconds:.1f} s ({self.mb_per_s:.0f} MB/s) into "
-                f"{self.shards} shard(s); peak RSS {self.peak_rss_bytes / 1e9:.2f} GB (largest tensor "
+                f"{self.shards - self.resumed_shards} shard(s){resumed}; peak RSS {self.peak_rss_bytes / 1e9:.2f} GB (largest tensor "
                 f"{self.largest_tensor_bytes / 1e9:.2f} GB)")
 
 
 class ShardWriter:
     """Moves the bytes: one open descriptor per file, each output tensor written once at its final offset."""
 
-    def __init__(self, stack: ExitStack, folder: Path, shards: list[OutputShard], progress: bool):
+    def __init__(self, stack: ExitStack, folder: Path, shards: list[OutputShard], progress: bool,
+                 skip: frozenset[str] = frozenset(), on_sealed: Callable[[str], None] | None = None):
         self.src_fds: dict[Path, int] = {}
         self.out_fds: dict[str, int] = {}
+        self.on_sealed = on_sealed
         stack.callback(self._close_sources)
-        self.stats = StreamingStats(shards=len(shards))
+        self.stats = StreamingStats(shards=len(shards), resumed_shards=len(skip))
         for shard in shards:
+            if shard.name in skip:
+                continue
             fd = os.open(folder / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             stack.callback(os.close, fd)
             pwrite_all(fd, memoryview(shard.header), 0)
@@ -69,9 +79,10 @@ class ShardWriter:
         self.in_flight: list[Future | None] = [None, None]  # the write still reading each buffer
         self.turn = 0
         self.futures: deque[Future] = deque()
-        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="normswap-io")
+        self.shard_futures: dict[str, list[Future]] = {}  # per shard: its writes, which its seal waits for
+        self.io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="normswap-io")
         stack.callback(self.io.shutdown, wait=True)  # registered after every fd: pending I/O ends before they close
-        total = sum(t.source.nbytes for s in shards for t in s.tensors)
+        total = sum(t.source.nbytes for s in shards if s.name not in skip for t in s.tensors)
         from tqdm.auto import tqdm
 
         self.bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
@@ -86,11 +97,12 @@ class ShardWriter:
         for fd in self.src_fds.values():
             os.close(fd)
 
-    def _submit(self, fn, *args) -> Future:
+    def _submit(self, shard: str, fn, *args) -> Future:
         while self.futures and self.futures[0].done():
             self.futures.popleft().result()  # re-raises an I/O error here, in the main thread
         future = self.io.submit(fn, *args)
         self.futures.append(future)
+        self.shard_futures.setdefault(shard, []).append(future)
         return future
 
     def drain(self) -> None:
@@ -112,7 +124,7 @@ class ShardWriter:
         entry, out_fd = t.source, self.out_fds[t.file]
         src_fd = self._src(entry.file)
         if t.action == "copy":
-            self._submit(self._copy, src_fd, entry.offset, out_fd, t.offset, entry.nbytes)
+            self._submit(t.file, self._copy, src_fd, entry.offset, out_fd, t.offset, entry.nbytes)
         elif t.action == "cast":  # re-typing only (--dtype): rare, done in order without overlap
             self.drain()
             out_dtype, item = TORCH_DTYPES[t.dtype], t.nbytes // max(entry.numel, 1)
@@ -132,27 +144,52 @@ class ShardWriter:
             out_dtype = TORCH_DTYPES[t.dtype]
             result = weight if out_dtype == weight.dtype else self.outputs[slot].typed(t.nbytes, out_dtype, entry.shape)
             center_into(weight, t.layout, result, name=entry.name)
-            self.in_flight[slot] = self._submit(self._write, out_fd, tensor_bytes(result), t.offset, t.nbytes)
+            self.in_flight[slot] = self._submit(t.file, self._write, out_fd, tensor_bytes(result), t.offset, t.nbytes)
         self.stats.bytes_read += entry.nbytes
         self.stats.bytes_written += t.nbytes
         self.stats.largest_tensor_bytes = max(self.stats.largest_tensor_bytes, entry.nbytes, t.nbytes)
         self.bar.update(entry.nbytes)
 
+    def _seal_now(self, name: str, writes: list[Future]) -> None:
+        for w in writes:
+            w.result()
+        os.fsync(self.out_fds[name])
+        if self.on_sealed is not None:
+            self.on_sealed(name)
+
+    def seal(self, name: str) -> None:
+        """Flush a shard whose tensors have all been handed over, then report it finished.
+
+        The seal waits for the shard's own writes and only then fsyncs, so the shard is durable before anyone is told
+        it is done. It cannot deadlock: the pool starts tasks in submission order, so every write it waits for has
+        already started on another thread (or finished) by the time the seal starts.
+        """
+        self._submit(name, self._seal_now, name, self.shard_futures.pop(name, []))
+
     def finish(self) -> None:
-        """Flush every shard to disk before the folder is renamed into place (a crash then leaves old or new)."""
+        """Wait for every write and seal: all shards are on disk before the folder is renamed into place."""
         self.drain()
-        for fd in self.out_fds.values():
-            os.fsync(fd)
         self.inputs = self.outputs = [Scratch(), Scratch()]
 
 
-def write_shards(folder: Path, shards: list[OutputShard], tensors: list[OutputTensor], progress: bool = False
+def write_shards(folder: Path, shards: list[OutputShard], tensors: list[OutputTensor], progress: bool = False,
+                 skip: frozenset[str] = frozenset(), on_sealed: Callable[[str], None] | None = None
                  ) -> StreamingStats:
-    """Write ``tensors`` (in this order: source order reads each source file sequentially) into ``shards``."""
+    """Write ``tensors`` (in this order: source order reads each source file sequentially) into ``shards``.
+
+    Shards named in ``skip`` (finished by an earlier run) are left alone. ``on_sealed(name)`` is called, from the I/O
+    thread, once a shard is complete and fsync'd. Shards are packed from consecutive runs of ``tensors``, so each one
+    is sealed as soon as its last tensor is written, not at the end.
+    """
+    last = {t.file: i for i, t in enumerate(tensors)}
     with ExitStack() as stack:
         stack.enter_context(single_threaded())
-        writer = ShardWriter(stack, folder, shards, progress)
-        for t in tensors:
+        writer = ShardWriter(stack, folder, shards, progress, skip, on_sealed)
+        for i, t in enumerate(tensors):
+            if t.file in skip:
+                continue
             writer.write(t)
+            if last[t.file] == i:
+                writer.seal(t.file)
         writer.finish()
     return writer.stats
