@@ -7,9 +7,11 @@ Steps: write a GPT-NeoX-shaped fp32 checkpoint in 1 GB shards straight from rand
 mean so centring does real work); flush it and drop it from the page cache (``posix_fadvise(DONTNEED)``, no root
 needed); time one sequential read of the same files (the disk's read speed) and one sequential write + fsync of the
 same size (the bound for a durable output); then, with the source dropped from the cache each time, run the
-conversion in a child process (``normswap.streaming.convert_streaming``) twice: output on the same disk (fsync'd
-before the atomic rename; verified as ``--verify`` says), and output on ``/dev/shm`` (no write bound: shows what
-reading + centring alone sustain). Reports time, MB/s and peak RSS (the conversion phase, recorded before
+conversion in a child process (``normswap.streaming.convert_streaming``), output on the same disk (fsync'd before the
+atomic rename; verified as ``--verify`` says), once as shipped (``O_DIRECT`` where the filesystem has it) and once
+with ``NORMSWAP_DIRECT_IO=0`` (through the page cache), so the two I/O modes are compared in one run; ``--tmpfs`` adds
+a run with the output on ``/dev/shm``. The disk's read speed is the faster of a buffered and an ``O_DIRECT``
+sequential read, so the conversion is compared with the best the device does. Reports time, MB/s and peak RSS (the conversion phase, recorded before
 verification, and the whole child including verification, cross-checked by GNU ``time -v`` when present), and the
 load average, since the CPU may be shared. Everything is deleted afterwards unless ``--keep``.
 
@@ -51,6 +53,50 @@ def sequential_read_seconds(paths: list[Path], block: int = 16 * 2**20) -> float
         with open(p, "rb", buffering=0) as fh:
             while fh.readinto(view):
                 pass
+    return time.perf_counter() - start
+
+
+def direct_read_seconds(paths: list[Path], block: int = 32 * 2**20) -> float | None:
+    """Sequential read with O_DIRECT (no page cache), as the converter reads; None where the filesystem refuses it."""
+    import mmap
+
+    buf = mmap.mmap(-1, block)
+    start = time.perf_counter()
+    try:
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+            try:
+                offset = 0
+                while (n := os.preadv(fd, [buf], offset)) > 0:
+                    offset += n
+            finally:
+                os.close(fd)
+    except OSError:
+        return None
+    return time.perf_counter() - start
+
+
+def direct_write_seconds(path: Path, nbytes: int, block: int = 32 * 2**20) -> float | None:
+    """Write + fsync with O_DIRECT, as the converter writes; None where the filesystem refuses it."""
+    import mmap
+
+    buf = mmap.mmap(-1, block)
+    buf.write(os.urandom(block))
+    nbytes -= nbytes % 4096
+    start = time.perf_counter()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
+        try:
+            done = 0
+            while done < nbytes:
+                done += os.pwrite(fd, memoryview(buf)[: min(block, nbytes - done)], done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    finally:
+        path.unlink(missing_ok=True)
     return time.perf_counter() - start
 
 
@@ -159,7 +205,9 @@ def main() -> int:
     ap.add_argument("--verify", default="auto", choices=("auto", "full", "sample", "none"))
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
-    ap.add_argument("--no-tmpfs", action="store_true", help="skip the second run with the output on /dev/shm")
+    ap.add_argument("--tmpfs", action="store_true", help="add a run with the output on /dev/shm (on a VM, tmpfs page "
+                    "allocation can cost more CPU than a disk write)")
+    ap.add_argument("--no-buffered", action="store_true", help="skip the comparison run through the page cache")
     ap.add_argument("--child", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -178,23 +226,31 @@ def main() -> int:
         print(f"wrote {nbytes / GB:.2f} GB in {len(files)} shards in {time.perf_counter() - t0:.1f} s", flush=True)
 
         drop_from_page_cache(files)
-        cold = sequential_read_seconds(files)
+        buffered_cold = sequential_read_seconds(files)
         warm = sequential_read_seconds(files)
         drop_from_page_cache(files)
-        print(f"sequential read: cold {nbytes / cold / 1e6:.0f} MB/s, page cache {nbytes / warm / 1e6:.0f} MB/s",
-              flush=True)
+        direct = direct_read_seconds(files)
+        cold = min(buffered_cold, direct or buffered_cold)  # the faster way of reading is "the disk's read speed"
+        print(f"sequential read: cold {nbytes / buffered_cold / 1e6:.0f} MB/s buffered, "
+              + (f"{nbytes / direct / 1e6:.0f} MB/s O_DIRECT" if direct else "no O_DIRECT")
+              + f"; page cache {nbytes / warm / 1e6:.0f} MB/s", flush=True)
 
-        write_s = durable_write_seconds(work / "write-test.bin", nbytes)
-        print(f"sequential write + fsync: {nbytes / write_s / 1e6:.0f} MB/s", flush=True)
+        buffered_write = durable_write_seconds(work / "write-test.bin", nbytes)
+        direct_write = direct_write_seconds(work / "write-test.bin", nbytes)
+        write_s = min(buffered_write, direct_write or buffered_write)
+        print(f"sequential write + fsync: {nbytes / buffered_write / 1e6:.0f} MB/s buffered, "
+              + (f"{nbytes / direct_write / 1e6:.0f} MB/s O_DIRECT" if direct_write else "no O_DIRECT"), flush=True)
 
-        runs = {"disk": (out, args.verify)}
+        runs = {"disk": (out, args.verify, "1")}
+        if not args.no_buffered:
+            runs["disk, page cache"] = (work / "out-buffered", "none", "0")
         shm = Path("/dev/shm")
-        if not args.no_tmpfs and shm.is_dir() and shutil.disk_usage(shm).free > 1.5 * nbytes:
-            runs["tmpfs"] = (Path(tempfile.mkdtemp(prefix="normswap-bench-out-", dir=shm)) / "out", "none")
+        if args.tmpfs and shm.is_dir() and shutil.disk_usage(shm).free > 1.5 * nbytes:
+            runs["tmpfs"] = (Path(tempfile.mkdtemp(prefix="normswap-bench-out-", dir=shm)) / "out", "none", "1")
         stats: dict[str, dict] = {}
         gnu_rss: dict[str, int | None] = {}
         try:
-            for label, (dest, verify) in runs.items():
+            for label, (dest, verify, direct_io) in runs.items():
                 drop_from_page_cache(files)
                 cmd = [sys.executable, __file__, "--child", str(src), str(dest), "--max-shard-size",
                        args.max_shard_size, "--verify", verify]
@@ -202,7 +258,8 @@ def main() -> int:
                 if gnu_time:
                     cmd = [gnu_time, "-v", *cmd]
                 load = os.getloadavg()[0]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True,
+                                      env={**os.environ, "NORMSWAP_DIRECT_IO": direct_io})
                 if proc.returncode != 0:
                     print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
                     return proc.returncode
@@ -222,7 +279,9 @@ def main() -> int:
         result = {
             "checkpoint": {"layers": args.layers, "hidden": args.hidden, "vocab": args.vocab, "bytes": nbytes,
                            "shards": len(files), "largest_tensor_bytes": largest},
-            "disk_mb_per_s": {"cold_read": read_mb, "page_cache_read": nbytes / warm / 1e6, "write_fsync": write_mb},
+            "disk_mb_per_s": {"cold_read": read_mb, "cold_read_buffered": nbytes / buffered_cold / 1e6,
+                              "cold_read_direct": nbytes / direct / 1e6 if direct else None,
+                              "page_cache_read": nbytes / warm / 1e6, "write_fsync": write_mb},
             "conversion": stats,
             "gnu_time_max_rss_bytes": gnu_rss,
             "throughput_vs_cold_read": {k: v["mb_per_s"] / read_mb for k, v in stats.items()},
@@ -235,15 +294,20 @@ def main() -> int:
         rows = [
             ("checkpoint", f"{nbytes / GB:.2f} GB fp32 GPT-NeoX ({args.layers} layers, hidden {args.hidden}, vocab "
                            f"{args.vocab}), {len(files)} shards; largest tensor {largest / GB:.2f} GB"),
-            ("disk: sequential read, cold / page cache", f"{read_mb:.0f} / {nbytes / warm / 1e6:.0f} MB/s"),
-            ("disk: sequential write + fsync", f"{write_mb:.0f} MB/s"),
-            ("bound for reading and writing the same disk, 1/(1/read + 1/write)", f"{both_mb:.0f} MB/s"),
+            ("disk: sequential read, cold: buffered / O_DIRECT; page cache",
+             f"{nbytes / buffered_cold / 1e6:.0f} / " + (f"{nbytes / direct / 1e6:.0f}" if direct else "n/a")
+             + f"; {nbytes / warm / 1e6:.0f} MB/s"),
+            ("disk: sequential write + fsync: buffered / O_DIRECT", f"{nbytes / buffered_write / 1e6:.0f} / "
+             + (f"{nbytes / direct_write / 1e6:.0f}" if direct_write else "n/a") + " MB/s"),
+            ("bound for reading and writing the same disk, 1/(1/read + 1/write), faster modes", f"{both_mb:.0f} MB/s"),
         ]
         for label, st in stats.items():
-            where = "output on disk, fsync'd" if label == "disk" else "output on tmpfs (no write bound)"
+            where = {"disk": "output on the same disk, fsync'd, O_DIRECT" if st.get("direct_io") else
+                     "output on the same disk, fsync'd", "disk, page cache": "same, through the page cache "
+                     "(NORMSWAP_DIRECT_IO=0)", "tmpfs": "output on tmpfs"}[label]
             rows.append((f"conversion, {where}", f"{st['seconds']:.1f} s = {st['mb_per_s']:.0f} MB/s "
-                         f"({100 * st['mb_per_s'] / read_mb:.0f}% of cold read"
-                         + (f", {100 * st['mb_per_s'] / both_mb:.0f}% of the read+write bound" if label == "disk"
+                         f"({100 * st['mb_per_s'] / read_mb:.0f}% of the cold read"
+                         + (f", {100 * st['mb_per_s'] / both_mb:.0f}% of the read+write bound" if label != "tmpfs"
                             else "")
                          + f"); load average {st['load_average_before']:.1f} on {os.cpu_count()} CPUs"))
             if st["verification"] is None:  # CPU time of the conversion alone (the verifying run includes its own)

@@ -331,17 +331,94 @@ def test_post_ln_model_is_refused_in_streaming_mode(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# --- page-cache-free I/O -------------------------------------------------------------------------------------------
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["o_direct", "page_cache"])
+@pytest.mark.parametrize("chunk", [8192, 12288, None], ids=["chunk8k", "chunk12k", "chunk_default"])
+def test_shards_are_byte_identical_across_io_modes_and_chunk_sizes(tmp_path, monkeypatch, direct, chunk):
+    """Windows and chunks far smaller than the tensors, so reads and writes straddle every boundary, and the
+    padded-then-truncated tail of every shard; the bytes must not depend on any of it."""
+    src = save_sharded(make_model("gpt2", n_embd=48), tmp_path / "src", shard="20KB")
+    reference = convert_streaming(src, tmp_path / "ref", max_shard_size="30KB", verify="none", progress=False)
+    monkeypatch.setenv("NORMSWAP_DIRECT_IO", direct)
+    if chunk is not None:
+        monkeypatch.setattr("normswap.streaming.direct_io.CHUNK", chunk)
+    result = convert_streaming(src, tmp_path / "out", max_shard_size="30KB", progress=False)
+    assert result.report.verification.passed
+    if direct == "0":
+        assert result.stats.direct_io is False
+    got, want = file_bytes(result.path), file_bytes(reference.path)
+    assert len(got) >= 3 and got == want
+    assert any(len(b) % 4096 for b in got.values())  # some shard really ends mid-block
+    assert_same_tensors(read_all(result.path), read_all(in_memory(src, tmp_path / "mem")))
+
+
+def test_filesystem_without_o_direct_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    """tmpfs refuses O_DIRECT at open; some filesystems accept it at open and refuse the I/O. Both fall back."""
+    import errno
+
+    from normswap.streaming.direct_io import DirectFile
+
+    data = os.urandom(3 * 4096 + 123)
+    (tmp_path / "f.bin").write_bytes(data)
+    real_open, real_preadv = os.open, os.preadv
+
+    def open_without_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_without_direct)
+    f = DirectFile(tmp_path / "f.bin", os.O_RDONLY)
+    buf = bytearray(len(data) + 50)
+    assert not f.direct and f.pread_into(memoryview(buf), 0) == len(data) and bytes(buf[:len(data)]) == data
+    f.close()
+    monkeypatch.setattr(os, "open", real_open)
+
+    refusals = []
+
+    def preadv_refusing_direct(fd, buffers, offset):
+        if os.get_blocking(fd) and fcntl_flags(fd) & os.O_DIRECT:
+            refusals.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    def fcntl_flags(fd):
+        import fcntl
+
+        return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+    monkeypatch.setattr(os, "preadv", preadv_refusing_direct)
+    f = DirectFile(tmp_path / "f.bin", os.O_RDONLY)
+    opened_direct = f.direct
+    buf = bytearray(len(data))
+    assert f.pread_into(memoryview(buf), 0) == len(data) and bytes(buf) == data and not f.direct
+    assert bool(refusals) == opened_direct
+    f.close()
+
+    src = save_sharded(make_model("gpt2"), tmp_path / "src")
+    monkeypatch.setattr(os, "open", open_without_direct)
+    result = convert_streaming(src, tmp_path / "out", max_shard_size="8KB", verify="none", progress=False)
+    monkeypatch.setattr(os, "open", real_open)
+    assert result.stats.direct_io is False
+    assert_same_tensors(read_all(result.path), read_all(in_memory(src, tmp_path / "mem")))
+
+
 # --- resuming an interrupted run ------------------------------------------------------------------------------------
 
 def interrupt_after(monkeypatch, n_tensors: int) -> None:
     """Make the run die as Ctrl-C would: in the main thread, as it is about to write its n-th tensor."""
     original, calls = ShardWriter.write, []
 
-    def write(self, t):
+    def write(self, t, *args):
         calls.append(t.key)
         if len(calls) == n_tensors:
             raise KeyboardInterrupt
-        original(self, t)
+        original(self, t, *args)
 
     monkeypatch.setattr(ShardWriter, "write", write)
 

@@ -1,10 +1,10 @@
-"""``convert_streaming``: convert a checkpoint tensor by tensor, never holding more than two tensors in memory.
+"""``convert_streaming``: convert a checkpoint tensor by tensor, never holding more than one writer in memory.
 
 Exact conversion is per-tensor work: centre each writer, give a tied head a copy of the embedding before it is
 centred, keep every norm's parameters (BLOOM's embedding norm becomes a re-centring RMSNorm at load time, from the
 metadata). So the model is never built: the adapter's roles are resolved to file keys (:mod:`.plan`), every
 output byte is placed up front (:mod:`.output`), and the tensors are streamed from the source shards to the output
-shards inside an atomic temporary folder. Folding gains/biases needs a probe forward pass through the whole model,
+shards inside a resumable work folder that is renamed into place at the end. Folding gains/biases needs a probe forward pass through the whole model,
 so it stays with the in-memory path.
 """
 
@@ -196,8 +196,8 @@ def convert_streaming(
     the first and last layers, else nothing (the report says which); ``"full"``, ``"sample"``, ``"none"`` force one.
     A failed verification leaves no output unless ``force``. The work happens in ``.NAME.normswap-partial`` beside
     the output; if a run is interrupted, running it again keeps the shards it finished (``resume=False`` starts
-    over), see :mod:`normswap.streaming.resume`. Peak memory is at most two writer tensors (one being
-    centred, the previous one being written) plus ~0.45 GB of Python/torch/transformers, whatever the checkpoint
+    over), see :mod:`normswap.streaming.resume`. Peak memory is the largest writer tensor (twice when ``dtype``
+    changes it), ~0.2 GB of aligned I/O buffers and ~0.45 GB of Python/torch/transformers, whatever the checkpoint
     size; the verification phase, when it runs, loads the (possibly truncated) models on top of that.
     """
     from normswap.streaming.verification import VERIFY_MODES, verify_streamed

@@ -1,13 +1,10 @@
-"""Byte-level safetensors reading and writing for the streaming converter.
+"""Byte-level safetensors metadata for the streaming converter: headers in, headers out, small tensors read.
 
 ``safe_open`` validates each source file (a truncated shard or a corrupt header fails there, with its own message),
-but tensors are then read with ``pread`` at their offsets rather than through ``safe_open``'s memory map: every page
-a mapped tensor touches stays resident (and counts in RSS) until the whole file is closed, so reading a 5 GB shard
-through the map costs 5 GB of RSS. Pass-through tensors are copied file-to-file by the kernel (``copy_file_range``)
-and never enter Python at all.
-
-The writer lays out a whole shard up front (header with every offset), so tensors can be written in any order with
-``pwrite`` and the shard never has to be held in memory.
+but tensors are then read at their offsets rather than through ``safe_open``'s memory map: every page a mapped tensor
+touches stays resident (and counts in RSS) until the whole file is closed, so reading a 5 GB shard through the map
+costs 5 GB of RSS. The bulk of the bytes moves through :mod:`.direct_io`; here only the header layout
+(:func:`encode_header`: every offset known before a byte is written) and small reads (norm parameters) live.
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +36,7 @@ ITEMSIZE: dict[str, int] = {
 #: Codes whose tensors are weights that follow ``--dtype`` (the in-memory path's ``model.to(dtype)`` casts these).
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 
-#: ``sendfile`` writes at the destination's file position: the lseek and the call must not interleave between threads.
-_SENDFILE_LOCK = threading.Lock()
-
-#: Largest single read/write/copy request: Linux caps one call near 2 GiB, and smaller pieces keep copies cheap.
+#: Largest single read request: Linux caps one call near 2 GiB, and smaller pieces keep copies cheap.
 IO_CHUNK = 256 * 2**20
 
 
@@ -121,12 +114,6 @@ def pread_into(fd: int, buffer: memoryview, offset: int) -> None:
         pos += n
 
 
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    pos = 0
-    while pos < len(data):
-        pos += os.pwrite(fd, data[pos:pos + IO_CHUNK], offset + pos)
-
-
 def read_tensor(fd: int, entry: TensorEntry, start: int = 0, count: int | None = None,
                 buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Elements ``[start, start+count)`` of ``entry`` (flat order); the whole tensor, shaped, by default.
@@ -156,52 +143,3 @@ class Scratch:
 
     def typed(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         return self.get(nbytes).view(dtype).view(shape)
-
-
-def release_pages(fd: int, offset: int, nbytes: int) -> None:
-    """Start writing back (output) or drop (input) a byte range from the page cache.
-
-    Streaming 140 GB through the page cache would evict everything else on the machine; on output ranges this also
-    starts the disk write early, so the final fsync has little left to wait for.
-    """
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous tensor, without a copy."""
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
-    """Copy bytes between files inside the kernel, never through a Python buffer when it can be avoided.
-
-    ``copy_file_range`` first (same filesystem; may share extents); across filesystems ``sendfile`` (which writes at
-    the destination's file position, so those calls are serialised); small reads and writes as a last resort. Safe to
-    call from several threads on the same descriptors.
-    """
-    done = 0
-    for method in ("copy_file_range", "sendfile"):
-        if not hasattr(os, method):
-            continue
-        try:
-            while done < nbytes:
-                count = min(IO_CHUNK, nbytes - done)
-                if method == "copy_file_range":
-                    n = os.copy_file_range(src_fd, dst_fd, count, src_offset + done, dst_offset + done)
-                else:
-                    with _SENDFILE_LOCK:
-                        os.lseek(dst_fd, dst_offset + done, os.SEEK_SET)
-                        n = os.sendfile(dst_fd, src_fd, src_offset + done, count)
-                if n == 0:
-                    raise CheckpointError(f"unexpected end of file while copying {nbytes} bytes at offset {src_offset}")
-                done += n
-            return
-        except OSError:  # EXDEV / ENOSYS / EINVAL: this filesystem pair needs the next method
-            continue
-    view = memoryview(bytearray(min(16 * 2**20, max(nbytes - done, 1))))
-    while done < nbytes:
-        piece = view[: min(len(view), nbytes - done)]
-        pread_into(src_fd, piece, src_offset + done)
-        pwrite_all(dst_fd, piece, dst_offset + done)
-        done += len(piece)
