@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from normswap.streaming.direct_io import ShardAppender, SourceReader
+from normswap.streaming import direct_io
+from normswap.streaming.direct_io import ALIGN, ShardAppender, SourceReader
 from normswap.streaming.output import OutputShard, OutputTensor
 from normswap.streaming.safetensors_io import TORCH_DTYPES, Scratch
 from normswap.streaming.transform import cast_into, center_into, single_threaded
@@ -30,6 +31,18 @@ from normswap.streaming.transform import cast_into, center_into, single_threaded
 CAST_CHUNK = 4 * 2**20
 #: Source files with an open reader (each holds two read windows); a tied head re-reads an earlier file.
 OPEN_READERS = 2
+#: Smallest I/O chunk: below ~1 MiB per request the device no longer streams at full speed.
+MIN_CHUNK = 2**20
+
+
+def io_chunk(largest_tensor_bytes: int) -> int:
+    """Window/chunk size: the full :data:`direct_io.CHUNK` for big checkpoints, smaller for small ones.
+
+    The seven buffers (two readers x two windows, three write chunks) then cost at most ~7/8 of the largest tensor,
+    so peak memory stays within "twice the largest tensor + 0.5 GB" however small the checkpoint is.
+    """
+    scaled = max(MIN_CHUNK, largest_tensor_bytes // 8 // ALIGN * ALIGN)
+    return min(direct_io.CHUNK, scaled)
 
 
 @dataclass
@@ -64,6 +77,7 @@ class ShardWriter:
 
     def __init__(self, stack: ExitStack, shards: list[OutputShard], progress: bool, skip: frozenset[str]):
         self.readers: dict[Path, SourceReader] = {}
+        self.chunk = io_chunk(max((t.source.nbytes for s in shards for t in s.tensors), default=0))
         stack.callback(self._close_readers)
         self.stats = StreamingStats(shards=len(shards), resumed_shards=len(skip))
         self.inputs, self.outputs = Scratch(), Scratch()
@@ -82,7 +96,7 @@ class ShardWriter:
         if path not in self.readers:
             while len(self.readers) >= OPEN_READERS:
                 self.readers.pop(next(iter(self.readers))).close()
-            self.readers[path] = SourceReader(path, self.read_pool)
+            self.readers[path] = SourceReader(path, self.read_pool, self.chunk)
         return self.readers[path]
 
     def _close_readers(self) -> None:
@@ -126,7 +140,7 @@ class ShardWriter:
 
     def write_shard(self, folder: Path, shard: OutputShard) -> None:
         """Header, then every tensor at its planned offset (the plan lays them out in this order), then fsync."""
-        out = ShardAppender(folder / shard.name, shard.size, self.write_pool)
+        out = ShardAppender(folder / shard.name, shard.size, self.write_pool, self.chunk)
         try:
             out.append(torch.frombuffer(bytearray(shard.header), dtype=torch.uint8))
             for t in shard.tensors:
