@@ -265,8 +265,17 @@ def test_center_into_matches_whole_tensor_maths_in_small_slabs():
         w = torch.randn(shape) + 0.5
         expected = normswap.maths.center_weight(w, layout).to(torch.float32)
         out = w.clone()
-        center_into(out, layout, out, slab_elements=100)  # many slabs, in place
+        center_into(out, layout, out, slab_elements=100)  # many slabs, in place, on the slab threads
         assert torch.equal(out, expected), layout
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_center_into_refuses_a_non_finite_slab_whatever_the_threads(monkeypatch, threads):
+    monkeypatch.setattr("normswap.streaming.transform.SLAB_THREADS", threads)
+    w = torch.randn(64, 40)
+    w[37, 5] = float("inf")
+    with pytest.raises(CheckpointError, match="h.3.mlp.c_proj.weight contains NaN/Inf"):
+        center_into(w, "conv1d", w.clone(), name="h.3.mlp.c_proj.weight", slab_elements=64)
 
 
 def test_parse_size():
