@@ -3,8 +3,8 @@
 The bytes move through :mod:`.direct_io`: the source is read in aligned windows with the next one already in flight,
 output chunks are written by a thread while the next fills, and both bypass the page cache where the filesystem
 allows. The main thread's share is one copy per byte (window to output chunk) plus the float64 centring of the
-writers, which run on one torch thread in bounded slabs (:mod:`.transform`). At most one writer tensor (two when its
-dtype changes) is held whole, in a buffer reused from tensor to tensor.
+writers, in bounded slabs on two threads with single-threaded ops (:mod:`.transform`). At most one writer tensor
+(two when its dtype changes) is held whole, in a buffer reused from tensor to tensor.
 
 Shards are written one at a time and fsync'd when complete, so a shard reported finished (``on_sealed``) is on disk:
 that is what lets an interrupted conversion resume (:mod:`.resume`).
