@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
+from conftest import SHARED_MODEL, SHARED_VALID, needs_shared
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -415,6 +417,44 @@ def test_filesystem_without_o_direct_falls_back_to_the_page_cache(tmp_path, monk
     monkeypatch.setattr(os, "open", real_open)
     assert result.stats.direct_io is False
     assert_same_tensors(read_all(result.path), read_all(in_memory(src, tmp_path / "mem")))
+
+
+def test_pwrite_refused_under_o_direct_falls_back_mid_file(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from normswap.streaming.direct_io import ShardAppender
+
+    real_pwrite = os.pwrite
+
+    def pwrite_refusing_direct(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite_refusing_direct)
+    payload = os.urandom(5 * 4096 + 77)
+    with ThreadPoolExecutor(1) as pool:
+        out = ShardAppender(tmp_path / "s.bin", len(payload), pool, chunk=8192)
+        out.append(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        out.close()
+    assert (tmp_path / "s.bin").read_bytes() == payload and not out.file.direct
+
+
+@needs_shared
+def test_streaming_the_real_shared_model_matches_in_memory_and_the_source(tmp_path):
+    """Trained weights (not a random init): streamed tensors equal the in-memory conversion's, and the stock class
+    reloads them to the source's logits on real text."""
+    result = convert_streaming(SHARED_MODEL, tmp_path / "out", max_shard_size="5MB", progress=False)
+    assert result.report.verification.passed and result.stats.shards >= 4
+    assert_same_tensors(read_all(result.path), read_all(in_memory(SHARED_MODEL, tmp_path / "mem")))
+    tok = T.AutoTokenizer.from_pretrained(SHARED_MODEL)
+    ids = tok(SHARED_VALID.read_text()[:2000], return_tensors="pt").input_ids[:, :256]
+    original = T.AutoModelForCausalLM.from_pretrained(SHARED_MODEL, dtype=torch.float32).eval()
+    streamed = T.AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
+    a, b = logits(original, {"input_ids": ids}), logits(streamed, {"input_ids": ids})
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-5
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 # --- resuming an interrupted run ------------------------------------------------------------------------------------
