@@ -30,6 +30,7 @@ from normswap.conversion import ConversionReport
 from normswap.errors import AlreadyRMSNormError, CheckpointError, NormswapError, NotExactError, VerificationError
 from normswap.folding import FoldResult
 from normswap.publish import write_publish_files
+from normswap.streaming.direct_io import fsync_path
 from normswap.streaming.output import (
     DEFAULT_MAX_SHARD_SIZE,
     pack_shards,
@@ -169,11 +170,7 @@ def _fsync_small_files(folder: Path) -> None:
     """Config, index and tokenizer files reach the disk before the rename (the shards already did)."""
     for path in folder.iterdir():
         if path.is_file() and not path.name.endswith(".safetensors"):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path)
 
 
 def convert_streaming(
@@ -253,7 +250,7 @@ def convert_streaming(
     started = time.perf_counter()
     with resumable_output_dir(target, expected=expected, shards=shards, overwrite=force, resume=resume) as state:
         tmp = state.folder
-        stats = write_shards(tmp, shards, tensors, progress, skip=frozenset(state.resumed), on_sealed=state.mark_done)
+        stats = write_shards(tmp, shards, progress, skip=frozenset(state.resumed), on_sealed=state.mark_done)
         stats.source_bytes = source.nbytes
         stats.seconds = time.perf_counter() - started
         stats.peak_rss_bytes = peak_rss()

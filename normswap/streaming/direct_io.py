@@ -35,6 +35,15 @@ def direct_io_enabled() -> bool:
     return os.environ.get("NORMSWAP_DIRECT_IO", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (after a rename into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class AlignedBuffer:
     """A page-aligned byte buffer (anonymous mmap), usable as a memoryview and as a uint8 tensor."""
 
@@ -42,9 +51,6 @@ class AlignedBuffer:
         self._map = mmap.mmap(-1, nbytes)
         self.view = memoryview(self._map)
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
-
-    def __len__(self) -> int:
-        return len(self.view)
 
     def close(self) -> None:
         del self.tensor

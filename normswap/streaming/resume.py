@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normswap.errors import NormswapError
+from normswap.streaming.direct_io import fsync_path
 from normswap.streaming.output import OutputShard
 from normswap.streaming.source import SourceCheckpoint
 
@@ -56,14 +57,6 @@ def fingerprint(source: SourceCheckpoint, shards: list[OutputShard], options: di
     }
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_durably(path: Path, payload: dict) -> None:
     """Replace ``path`` so that a crash leaves either the old or the new content, never a torn file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -72,7 +65,7 @@ def _write_json_durably(path: Path, payload: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _shard_intact(path: Path, shard: OutputShard) -> bool:

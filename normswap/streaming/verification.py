@@ -125,7 +125,7 @@ def _write_truncated(folder: Path, checkpoint: SourceCheckpoint, block: re.Patte
             tensors.append(OutputTensor(new, entry, entry.dtype, "copy"))
     shards = pack_shards(tensors, 2**62, {"format": "pt"})
     dest.mkdir()
-    write_shards(dest, shards, tensors)
+    write_shards(dest, shards)
     _truncated_config(folder, layers, num_layers, loaded_block).save_pretrained(dest)
     copy_preprocessing_files(folder, dest)
 

@@ -152,13 +152,12 @@ class ShardWriter:
         self.stats.direct_io = out.file.direct or self.stats.direct_io
 
 
-def write_shards(folder: Path, shards: list[OutputShard], tensors: list[OutputTensor] | None = None,
-                 progress: bool = False, skip: frozenset[str] = frozenset(),
+def write_shards(folder: Path, shards: list[OutputShard], progress: bool = False, skip: frozenset[str] = frozenset(),
                  on_sealed: Callable[[str], None] | None = None) -> StreamingStats:
     """Write ``shards`` into ``folder`` one after the other, each front to back.
 
     Shards named in ``skip`` (finished by an earlier run) are left alone. ``on_sealed(name)`` is called once a shard is
-    complete and fsync'd. ``tensors`` is accepted for compatibility; the shards already list every tensor.
+    complete and fsync'd.
     """
     with ExitStack() as stack:
         stack.enter_context(single_threaded())
