@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from normswap import __version__
+from normswap._version import __version__
 from normswap.adapters import get_adapter
 from normswap.approximate import fold_bias_means_
 from normswap.errors import NotExactError

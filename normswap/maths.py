@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 #: Axis of the hidden (residual-stream) dimension in each writer layout's weight tensor.
-HIDDEN_AXIS = {"linear": 0, "conv1d": -1, "embedding": -1, "conv2d": 0, "param": -1}
+HIDDEN_AXIS = {"linear": 0, "conv1d": -1, "embedding": -1, "conv2d": 0, "conv": 0, "param": -1}
 
 
 def center(t: torch.Tensor, axis: int) -> torch.Tensor:

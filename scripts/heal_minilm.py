@@ -25,8 +25,8 @@ import transformers
 
 import normswap
 from normswap.cli import main as normswap_cli
-from normswap.finetune.metrics import nearest_neighbour_agreement
 from normswap.norm import RMSNorm
+from normswap.training.metrics import nearest_neighbour_agreement
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "shakespeare"

@@ -17,7 +17,8 @@ from tiny_text import char_tokenizer, corpus_lines, tiny_bert, write_text
 import normswap
 from normswap.cli import main as cli
 from normswap.errors import NormswapError
-from normswap.finetune import (
+from normswap.norm import RMSNorm
+from normswap.training import (
     KeepCenteredCallback,
     RecipeError,
     apply_overrides,
@@ -25,11 +26,10 @@ from normswap.finetune import (
     keep_centered_,
     load_recipe,
 )
-from normswap.finetune import data as ft_data
-from normswap.finetune import loop as ft_loop
-from normswap.finetune.keep_centered import residual_writers
-from normswap.finetune.losses import distillation_loss
-from normswap.norm import RMSNorm
+from normswap.training import data as ft_data
+from normswap.training import loop as ft_loop
+from normswap.training.keep_centered import residual_writers
+from normswap.training.losses import distillation_loss
 from normswap.verify import make_probes, primary_output
 
 MLM = {

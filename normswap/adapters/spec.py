@@ -16,8 +16,12 @@ from typing import Literal
 #: How a writer's tensor is laid out, which decides the axis that indexes the hidden (residual) dimension.
 #: ``linear``: nn.Linear weight [out=hidden, in]; ``conv1d``: GPT-2 Conv1D weight [in, out=hidden];
 #: ``embedding``: nn.Embedding weight [rows, hidden]; ``conv2d``: Conv2d weight [out=hidden, in, k, k];
-#: ``param``: a bare parameter [..., hidden] (ViT cls/position/mask tokens).
-Layout = Literal["linear", "conv1d", "embedding", "conv2d", "param"]
+#: ``param``: a bare parameter [..., hidden] (ViT cls/position/mask tokens); ``conv``: any ConvNd weight
+#: [out=hidden, in, *k] (Conv1d/Conv3d stems); ``recenter``: a *nonlinear* writer (CLIP's ``pre_layrnorm``, Whisper's
+#: GELU conv stem, sinusoidal positions kept in a non-persistent buffer) whose weights cannot make its output
+#: zero-mean: its output is re-centred at run time (``normswap.load`` and the remote code install the re-centring;
+#: the stock keys are kept, so the stock class, whose LayerNorms ignore the mean, still loads the checkpoint).
+Layout = Literal["linear", "conv1d", "embedding", "conv2d", "conv", "param", "recenter"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,10 @@ class Writer:
     optional: bool = False
     #: Not a writer when this other module exists (OPT: ``embed_tokens`` feeds ``project_in`` when it exists).
     unless_present: str | None = None
+    #: An elementwise scale applied to this writer's output before it joins the stream (LayerScale: DINOv2
+    #: ``layer_scale1.lambda1``, BEiT ``lambda_1``), same root as ``path``. It is folded into the writer (rows and
+    #: bias scaled) before centring, and the scale parameter is then set to ones so the stock keys stay.
+    scale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,15 @@ class Norm:
 
 
 @dataclass(frozen=True)
+class Stack:
+    """A further ModuleList of blocks (an encoder-decoder's second stack, a Swin stage), base-model relative."""
+
+    blocks: str
+    block_writers: tuple[Writer, ...] = ()
+    block_norms: tuple[Norm, ...] = ()
+
+
+@dataclass(frozen=True)
 class PostLNCondition:
     """A config setting under which the architecture is post-LN (or otherwise not exact)."""
 
@@ -64,7 +81,8 @@ class Adapter:
     """Where the writers and norms are for one ``model_type``."""
 
     model_type: str
-    #: ModuleList of transformer blocks, relative to the base model.
+    #: ModuleList of transformer blocks, relative to the base model ('' when every role is listed in full under
+    #: ``embeddings``/``other_norms`` or ``stacks``).
     blocks: str
     #: Writers outside the blocks (embeddings, position embeddings, input projections), base-model relative.
     embeddings: tuple[Writer, ...] = ()
@@ -88,6 +106,15 @@ class Adapter:
     #: names or fragments of them (matched on whole components, one pass), e.g. ViT's {"layers": "encoder.layer"}.
     disk_aliases: dict[str, str] = field(default_factory=dict)
     notes: str = ""
+    #: More block stacks (Whisper's decoder next to its encoder, Swin's stages), each resolved like ``blocks``.
+    stacks: tuple[Stack, ...] = ()
+    #: Why each kept norm stays LayerNorm ({pattern in ``kept_norms``: reason}), e.g. a raw reader of its stream.
+    kept_reasons: dict[str, str] = field(default_factory=dict)
+    #: Output fields that *are* the residual stream (CLIP vision ``last_hidden_state``, ``hidden_states``): after an
+    #: exact conversion they come back mean-removed; the report and card name them.
+    raw_stream_outputs: tuple[str, ...] = ()
+    #: "declared" (a reviewed entry in architectures.py) or "discovered" (measured by normswap.discovery).
+    origin: Literal["declared", "discovered"] = "declared"
 
     def config_reasons(self, config: object) -> list[str]:
         """Config settings that make *every* norm of this model inexact (e.g. OPT with do_layer_norm_before=False)."""

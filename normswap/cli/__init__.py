@@ -12,7 +12,7 @@ import logging
 import pkgutil
 import sys
 
-from normswap import __version__
+from normswap._version import __version__
 from normswap.errors import AlreadyRMSNormError, NormswapError
 
 

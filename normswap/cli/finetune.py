@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     import normswap
     from normswap.checkpoint import load_source
     from normswap.errors import NormswapError, OutputExistsError
-    from normswap.finetune import apply_overrides, check_same_tokenizer, load_recipe
-    from normswap.finetune.loop import list_checkpoints, make_accelerator
+    from normswap.training import apply_overrides, check_same_tokenizer, load_recipe
+    from normswap.training.loop import list_checkpoints, make_accelerator
 
     recipe = load_recipe(args.recipe)
     if args.overrides:
@@ -126,16 +126,16 @@ def _student_tokenizer(path: Path):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m normswap.finetune",
+        prog="python -m normswap.training",
         description="Heal a normswap output by distilling the original model into it (the `normswap finetune` "
-        "command; also runs under `accelerate launch -m normswap.finetune ...`).",
+        "command; also runs under `accelerate launch -m normswap.training ...`).",
     )
     add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m normswap.finetune`` / ``accelerate launch -m normswap.finetune``."""
+    """Entry point of ``python -m normswap.training`` / ``accelerate launch -m normswap.training``."""
     import logging
 
     from normswap.cli import run_command

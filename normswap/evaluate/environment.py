@@ -23,7 +23,7 @@ def cpu_model_name() -> str:
 def environment(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> dict:
     import transformers
 
-    from normswap import __version__
+    from normswap._version import __version__
 
     device = str(device or "cpu")
     info = {

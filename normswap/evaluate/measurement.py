@@ -153,7 +153,7 @@ def conversion_report(
     output: str, command: str, model: nn.Module | None = None,
 ) -> dict:
     """The ``normswap_report.json`` dict (``conversion`` is the :class:`~normswap.ConversionReport`)."""
-    from normswap import __version__
+    from normswap._version import __version__
 
     ver = conversion.verification.to_dict() if conversion.verification is not None else None
     if ver:

@@ -37,7 +37,7 @@ def write_publish_files(
     remote code (a model type transformers has no auto class for) is still a valid output: that is logged, not
     raised. Returns whether the folder was made publishable.
     """
-    from normswap import __version__
+    from normswap._version import __version__
 
     out = Path(out_dir)
     if model is not None and not isinstance(getattr(getattr(model, "config", None), "normswap", None), dict):

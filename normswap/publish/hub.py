@@ -104,7 +104,7 @@ def _generated_files(folder: Path, config: dict, repo_id: str) -> dict[str, str]
 
     The card is regenerated so that it names the repo in its loading snippets and includes a report added after save.
     """
-    from normswap import __version__
+    from normswap._version import __version__
 
     generated: dict[str, str] = {}
     auto_map = config.get("auto_map") or {}
@@ -151,7 +151,7 @@ def plan_push(
     for name, content in generated.items():
         files[name] = len(content.encode("utf-8"))
     if config is not None and not commit_message:
-        from normswap import __version__
+        from normswap._version import __version__
 
         model_type, _ = stock_identity(config)
         mode = config["normswap"].get("mode", "exact")

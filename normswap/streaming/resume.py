@@ -44,7 +44,7 @@ def partial_folder(target: Path) -> Path:
 
 def fingerprint(source: SourceCheckpoint, shards: list[OutputShard], options: dict) -> dict:
     """Everything a finished shard depends on. Two runs with equal fingerprints write identical bytes."""
-    from normswap import __version__
+    from normswap._version import __version__
 
     return {
         "state_version": STATE_VERSION,

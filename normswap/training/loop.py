@@ -1,6 +1,6 @@
 """The distillation loop: a converted student learns to compute what its original (the teacher) computes.
 
-Built on accelerate: one process on a CPU here, ``accelerate launch -m normswap.finetune ...`` on many GPUs with the
+Built on accelerate: one process on a CPU here, ``accelerate launch -m normswap.training ...`` on many GPUs with the
 same recipe (``batch_size`` is global and split between processes, so the optimisation is the same). Dropout is off
 (both models stay in eval mode: the target is a deterministic function). Checkpoints (model, optimizer, scheduler,
 RNG states, step counter) are written atomically into a work folder, and since each batch is a pure function of
@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from normswap.errors import NormswapError
-from normswap.finetune.data import BatchPlan, build_examples, eval_batches, max_sequence_length, micro_batch
-from normswap.finetune.keep_centered import CenteredWriters, keep_centered_
-from normswap.finetune.losses import distillation_loss
-from normswap.finetune.metrics import evaluate
-from normswap.finetune.recipe import Recipe, load_recipe
 from normswap.norm import RMSNorm
+from normswap.training.data import BatchPlan, build_examples, eval_batches, max_sequence_length, micro_batch
+from normswap.training.keep_centered import CenteredWriters, keep_centered_
+from normswap.training.losses import distillation_loss
+from normswap.training.metrics import evaluate
+from normswap.training.recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 

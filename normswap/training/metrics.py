@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normswap.finetune.losses import causal_labels, cross_entropy, kl_logits, mean_pool
+from normswap.training.losses import causal_labels, cross_entropy, kl_logits, mean_pool
 
 
 def nearest_neighbour_agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:

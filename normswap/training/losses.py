@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from normswap.finetune.recipe import LossSpec
+from normswap.training.recipe import LossSpec
 
 
 def _token_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

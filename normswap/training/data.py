@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from normswap.errors import NormswapError
-from normswap.finetune.recipe import DataSpec, Recipe
+from normswap.training.recipe import DataSpec, Recipe
 
 
 class DataError(NormswapError):
