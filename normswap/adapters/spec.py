@@ -20,8 +20,11 @@ from typing import Literal
 #: [out=hidden, in, *k] (Conv1d/Conv3d stems); ``recenter``: a *nonlinear* writer (CLIP's ``pre_layrnorm``, Whisper's
 #: GELU conv stem, sinusoidal positions kept in a non-persistent buffer) whose weights cannot make its output
 #: zero-mean: its output is re-centred at run time (``normswap.load`` and the remote code install the re-centring;
-#: the stock keys are kept, so the stock class, whose LayerNorms ignore the mean, still loads the checkpoint).
-Layout = Literal["linear", "conv1d", "embedding", "conv2d", "conv", "param", "recenter"]
+#: the stock keys are kept, so the stock class, whose LayerNorms ignore the mean, still loads the checkpoint);
+#: ``recenter_input``: the stream is produced by functional code with no module of its own (Whisper's encoder adds
+#: ``gelu(conv2(...))`` and the positions inline): the *first input* of the module at ``path`` (``layers.0``) is
+#: re-centred at run time instead.
+Layout = Literal["linear", "conv1d", "embedding", "conv2d", "conv", "param", "recenter", "recenter_input"]
 
 
 @dataclass(frozen=True)
