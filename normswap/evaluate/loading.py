@@ -2,10 +2,16 @@
 
 A converted checkpoint keeps stock key names, so the stock class would load it with LayerNorms; measuring that
 would measure the wrong model. ``normswap.load`` puts the RMSNorms back, which is what users deploy.
+
+Whether a folder is a normswap output is read from the raw ``config.json``, never through ``AutoConfig``: approximate
+and fine-tuned outputs name a ``normswap_<type>`` model type that only their shipped remote code defines, so
+``AutoConfig`` would ask to run that code (an interactive prompt, then a failure when stdin is closed). normswap's
+own classes load them without it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -36,18 +42,32 @@ def is_causal_lm(model: nn.Module) -> bool:
     return bool(can_generate and can_generate()) and not getattr(model.config, "is_encoder_decoder", False)
 
 
-def load_for_eval(src: str | None, dtype: str = "float32", device: str | None = None) -> EvalModel:
-    path = resolve_model(src)
+def normswap_metadata(path: str) -> dict | None:
+    """The ``normswap`` block of a folder's (or hub id's) ``config.json``, or ``None`` if it has none.
+
+    Plain JSON on purpose: no config class is built, so no remote code is ever resolved or offered.
+    """
+    from transformers.utils import cached_file
+
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - load_source below fails with the readable message
-        config = None
-    meta = getattr(config, "normswap", None)
-    if isinstance(meta, dict) and "swapped_norms" in meta:
+        config_file = cached_file(path, "config.json")
+        with open(config_file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except Exception:  # noqa: BLE001 - missing/unreadable: load_source below fails with the readable message
+        return None
+    meta = data.get("normswap") if isinstance(data, dict) else None
+    return meta if isinstance(meta, dict) and "swapped_norms" in meta else None
+
+
+def load_for_eval(src: str | None, dtype: str = "float32", device: str | None = None) -> EvalModel:
+    """Load ``src`` for measurement: normswap outputs (exact, approximate, fine-tuned) through :func:`load`."""
+    path = resolve_model(src)
+    if normswap_metadata(path) is not None:
         model = load(path, dtype=dtype, device=device)
         tokenizer = None
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            # The stock config: without it AutoTokenizer reads config.json itself and offers to run the remote code.
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, config=model.config)
         except Exception:  # noqa: BLE001 - encoders on pixels need none
             logger.info("no tokenizer found for %s", path)
         return EvalModel(model, tokenizer, path, converted=True)
