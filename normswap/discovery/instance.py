@@ -1,0 +1,452 @@
+"""Small random instances of any transformers architecture, built from its config alone.
+
+Discovery and the coverage census measure *structure* (which modules write the residual stream, which norms read
+it), and structure does not depend on width or depth: a 70B config and a 2-layer, 64-wide copy of it wire their
+modules the same way. So we shrink the config (every nested sub-config too) while keeping the divisibility rules the
+modelling code checks (heads × head_dim = hidden, kv heads dividing heads, one layer-type entry per layer, patch
+grids that fit the image), build the model on CPU in float64, and perturb it so that an uncentred writer or a
+misplaced norm shows up as a large difference instead of hiding behind a near-identity init.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Target sizes of the small instance.
+HIDDEN = 64
+HEADS = 4
+HEAD_DIM = HIDDEN // HEADS
+INTERMEDIATE = 96
+LAYERS = 2
+VOCAB = 256
+IMAGE = 32
+PATCH = 8
+EXPERTS = 4
+
+_LAYER_KEYS = (
+    "num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
+    "num_encoder_layers", "num_decoder_layers", "vision_layers", "text_layers", "depth", "n_layers_text",
+    "num_text_layers", "num_vision_layers", "encoder_num_layers", "decoder_num_layers", "num_blocks",
+)
+_HIDDEN_KEYS = (
+    "hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim", "width", "model_dim", "d_embed",
+    "encoder_hidden_size", "decoder_hidden_size", "text_embed_dim", "vision_embed_dim", "embedding_size",
+    "word_embed_proj_dim", "projection_dim", "proj_dim",
+)
+_HEAD_KEYS = (
+    "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads",
+    "n_heads", "attention_heads", "encoder_num_attention_heads", "decoder_num_attention_heads",
+)
+_KV_KEYS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
+            "num_key_value_groups")
+_HEAD_DIM_KEYS = ("head_dim", "attention_head_dim", "kv_channels", "d_kv", "attention_head_size", "qk_head_dim")
+_FFN_KEYS = (
+    "intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff", "mlp_dim",
+    "inner_dim", "moe_intermediate_size", "shared_expert_intermediate_size", "intermediate_size_mlp",
+    "ffn_hidden_size", "decoder_intermediate_size", "encoder_intermediate_size", "d_inner", "dim_feedforward",
+    "encoder_ffn_embed_dim", "decoder_ffn_embed_dim", "expert_intermediate_size", "ff_dim",
+)
+_VOCAB_KEYS = ("vocab_size", "n_vocab", "text_vocab_size")
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_total")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "moe_topk", "num_selected_experts")
+_STAGE_KEYS = ("num_stages", "num_encoder_blocks")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _special_ids(d: dict) -> list[tuple[str, int | list]]:
+    """(key, value) of every token-id entry (bos/eos/pad/image tokens ...), so the vocab can stay above them."""
+    out = []
+    for k, v in d.items():
+        if not isinstance(k, str) or not (k.endswith("token_id") or k.endswith("token_index") or k.endswith("token_ids")):
+            continue
+        if _is_int(v) or (isinstance(v, list) and v and all(_is_int(x) for x in v)):
+            out.append((k, v))
+    return out
+
+
+def _pick_layers(values: list, n: int) -> list:
+    """``n`` entries of a per-layer list that keep its variety: the first, then the first of each new kind."""
+    picked = [0]
+    for i, v in enumerate(values):
+        if len(picked) >= n:
+            break
+        if i not in picked and all(v != values[j] for j in picked):
+            picked.append(i)
+    i = 0
+    while len(picked) < n and i < len(values):
+        if i not in picked:
+            picked.append(i)
+        i += 1
+    return [values[i] for i in sorted(picked)]
+
+
+def _shrink_stages(d: dict) -> None:
+    """Hierarchical backbones (Swin, PVT, SegFormer, ConvNeXt): two stages, one block each, small widths."""
+    depths = d.get("depths")
+    if not (isinstance(depths, list) and depths and all(_is_int(x) for x in depths)):
+        return
+    n_old, n_new = len(depths), min(len(depths), 2)
+    for k, v in list(d.items()):
+        if isinstance(v, list) and len(v) == n_old and k != "depths" and k not in ("out_features", "out_indices"):
+            d[k] = v[:n_new]
+    d["depths"] = [min(x, 1) if x else x for x in depths[:n_new]]
+    for k in _STAGE_KEYS:
+        if _is_int(d.get(k)):
+            d[k] = n_new
+    for k in ("num_heads", "num_attention_heads"):
+        if isinstance(d.get(k), list):
+            d[k] = [2 * 2**i for i in range(n_new)]
+    if isinstance(d.get("hidden_sizes"), list):
+        d["hidden_sizes"] = [16 * 2**i for i in range(len(d["hidden_sizes"]))]
+    if _is_int(d.get("embed_dim")):
+        d["embed_dim"] = 16
+    if isinstance(d.get("embed_dim"), list):
+        d["embed_dim"] = [16 * 2**i for i in range(len(d["embed_dim"]))]
+
+
+def _shrink_one(d: dict, remap: dict[int, int]) -> None:
+    """Shrink one (flat) config dict in place; nested sub-config dicts are handled by the caller."""
+    layer_olds = {d[k] for k in _LAYER_KEYS if _is_int(d.get(k)) and d[k] > 0}
+    for k in _LAYER_KEYS:
+        if _is_int(d.get(k)) and d[k] > LAYERS:
+            d[k] = LAYERS
+    # Per-layer lists (layer_types, attention_layers, block patterns): one entry per kept layer.
+    for k, v in list(d.items()):
+        if isinstance(v, list) and len(v) in layer_olds and len(v) > LAYERS and k != "depths" \
+                and not all(isinstance(x, (dict, list)) for x in v):
+            d[k] = _pick_layers(v, LAYERS)
+    if "attention_types" in d and isinstance(d["attention_types"], list):  # GPT-Neo: [[[kinds], repeat]]
+        kinds = sorted({kind for group in d["attention_types"] for kind in group[0]})
+        d["attention_types"] = [[kinds, 1]] if len(kinds) == LAYERS else [[kinds, LAYERS // max(len(kinds), 1)]]
+        d.pop("attention_layers", None)
+    if layer_olds or isinstance(d.get("depths"), list):  # backbone stage selections name the old layers
+        for k in ("out_features", "out_indices", "stage_names"):
+            d.pop(k, None)
+    stages = isinstance(d.get("depths"), list)
+    if stages:
+        _shrink_stages(d)
+
+    heads_old = next((d[k] for k in _HEAD_KEYS if _is_int(d.get(k)) and d[k] > 0), None)
+    for k in _HEAD_KEYS:
+        if _is_int(d.get(k)) and d[k] > 0:
+            d[k] = HEADS
+    for k in _KV_KEYS:
+        v = d.get(k)
+        if _is_int(v) and v > 0:
+            d[k] = 1 if v == 1 else (HEADS if heads_old is not None and v >= heads_old else 2)
+    for k in _HEAD_DIM_KEYS:
+        if _is_int(d.get(k)) and d[k] > 0:
+            d[k] = HEAD_DIM
+    for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):  # MLA (DeepSeek)
+        if _is_int(d.get(k)) and d[k] > 0:
+            d[k] = HEAD_DIM
+    for k in ("q_lora_rank", "kv_lora_rank"):
+        if _is_int(d.get(k)) and d[k] > 0:
+            d[k] = 32
+    if _is_int(d.get("rotary_dim")):
+        d["rotary_dim"] = min(d["rotary_dim"], HEAD_DIM // 2)
+    if not stages:
+        hidden_old = next((d[k] for k in _HIDDEN_KEYS if _is_int(d.get(k)) and d[k] > HIDDEN), None)
+        for k in _HIDDEN_KEYS:
+            if _is_int(d.get(k)) and d[k] > HIDDEN:
+                d[k] = HIDDEN
+        if hidden_old is not None:  # other widths tied to the hidden size (projection_size, text_hidden_size ...)
+            for k, v in list(d.items()):
+                if v == hidden_old and _is_int(v) and isinstance(k, str) and ("size" in k or "dim" in k) \
+                        and not any(w in k for w in ("vocab", "position", "image", "patch", "max_", "seq")):
+                    d[k] = HIDDEN
+    for k in _FFN_KEYS:
+        if _is_int(d.get(k)) and d[k] > INTERMEDIATE:
+            d[k] = INTERMEDIATE
+    for k in _EXPERT_KEYS:
+        if _is_int(d.get(k)) and d[k] > EXPERTS:
+            d[k] = EXPERTS
+    for k in _TOPK_KEYS:
+        if _is_int(d.get(k)) and d[k] > 2:
+            d[k] = 2
+    for k in ("n_group", "topk_group"):
+        if _is_int(d.get(k)) and d[k] > 1:
+            d[k] = 1
+    for k in ("n_shared_experts", "num_shared_experts"):
+        if _is_int(d.get(k)) and d[k] > 1:
+            d[k] = 1
+    for k, cap in (("max_source_positions", 64), ("num_conv_pos_embeddings", 16), ("num_mel_bins", 16)):
+        if _is_int(d.get(k)) and d[k] > cap:
+            d[k] = cap
+    for k in ("conv_dim", "tdnn_dim"):  # audio feature extractors: narrow convs, same kernels and strides
+        if isinstance(d.get(k), list) and all(_is_int(x) for x in d[k]):
+            d[k] = [min(x, 32) for x in d[k]]
+    for k in ("xvector_output_dim", "classifier_proj_size", "codevector_dim", "proj_codevector_dim"):
+        if _is_int(d.get(k)) and d[k] > 32:
+            d[k] = 32
+    _shrink_vocab(d, remap)
+    _shrink_vision(d)
+    _shrink_rope(d)
+
+
+def _shrink_vocab(d: dict, remap: dict[int, int]) -> None:
+    """A small vocab that still holds every special token id (ids above it are moved down, each to its own id).
+
+    ``remap`` is shared by the whole config tree, so an image token id on a composite's top level and the same id in
+    its text sub-config land on the same new id.
+    """
+    for k, v in _special_ids(d):
+        ids = v if isinstance(v, list) else [v]
+        new = []
+        for x in ids:
+            if x >= VOCAB - 32:  # keep the low range free for ordinary probe tokens
+                if x not in remap:
+                    remap[x] = VOCAB - 1 - len(remap)
+                x = remap[x]
+            new.append(x)
+        d[k] = new if isinstance(v, list) else new[0]
+    for k in _VOCAB_KEYS:
+        if _is_int(d.get(k)) and d[k] > VOCAB:
+            d[k] = VOCAB
+
+
+def _shrink_vision(d: dict) -> None:
+    """Image and patch sizes that still tile each other (32-pixel images of 8-pixel patches: a 4×4 grid)."""
+    img, patch = d.get("image_size"), d.get("patch_size")
+    if _is_int(img) and img > IMAGE:
+        d["image_size"] = IMAGE
+        if _is_int(patch) and patch > 2:
+            d["patch_size"] = min(patch, PATCH) if IMAGE % min(patch, PATCH) == 0 else 4
+    elif isinstance(img, list) and len(img) == 2 and all(_is_int(x) for x in img) and max(img) > IMAGE:
+        d["image_size"] = [IMAGE, IMAGE]
+        if isinstance(patch, list):
+            d["patch_size"] = [PATCH, PATCH]
+        elif _is_int(patch) and patch > 2:
+            d["patch_size"] = min(patch, PATCH)
+    if _is_int(d.get("window_size")) and d["window_size"] > 4 and "depths" in d:
+        d["window_size"] = 4
+
+
+def _shrink_rope(d: dict) -> None:
+    """Multimodal RoPE splits head_dim/2 into sections (Qwen2-VL: [16, 24, 24]); scale them to the new head dim."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling")
+    if not isinstance(rope, dict):
+        return
+    section = rope.get("mrope_section")
+    if section is None and str(d.get("model_type", "")).startswith("qwen2") and "vl" in str(d.get("model_type")):
+        section = [16, 24, 24]
+    if isinstance(section, list) and section and all(_is_int(x) for x in section):
+        half, total = HEAD_DIM // 2, sum(section)
+        new = [max(1, x * half // total) for x in section]
+        new[-1] += half - sum(new)
+        rope["mrope_section"] = new
+
+
+def _is_config_dict(v: Any) -> bool:
+    return isinstance(v, dict) and ("model_type" in v or "architectures" in v or "hidden_size" in v)
+
+
+def _shrink_tree(d: dict, remap: dict[int, int]) -> None:
+    _shrink_one(d, remap)
+    for v in d.values():
+        if _is_config_dict(v):
+            _shrink_tree(v, remap)
+
+
+def tiny_config(config):
+    """A small copy of ``config`` (a ``PreTrainedConfig``) with the same structure: 2 layers, hidden ≈ 64.
+
+    The copy is rebuilt through the config class so that derived fields (per-layer lists, head dims) are recomputed
+    and its own validation runs; nested sub-configs (text/vision/audio, encoder/decoder) are shrunk the same way.
+    """
+    d = copy.deepcopy(config.to_dict())
+    _shrink_tree(d, {})
+    d.pop("transformers_version", None)
+    d.pop("_name_or_path", None)
+    d["architectures"] = None
+    small = type(config).from_dict(d)
+    small._experts_implementation = "eager"  # grouped_mm has no float64 kernel; the eager loop is the same maths
+    return small
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower() and not any(True for _ in module.children())
+
+
+def perturb_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Norm gains/biases far from 1/0, every other parameter given a nonzero mean (as tests/tiny_models.py does).
+
+    A norm is recognised here by its class name only because this is perturbation, not classification: a norm we
+    miss still gets a random nonzero-mean offset, which is just as good for exposing bugs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = _is_norm(module)
+            for name, p in module.named_parameters(recurse=False):
+                if not p.is_floating_point():
+                    continue
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+                if is_norm and name == "weight":
+                    p.copy_(1.0 + 0.3 * noise)
+                elif is_norm and name == "bias":
+                    p.copy_(0.1 + 0.2 * noise)
+                else:
+                    p.add_(0.03 * noise + 0.02)
+            if is_norm:
+                for name, b in module.named_buffers(recurse=False):
+                    if name == "running_mean":
+                        b.add_(0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float64).to(b.dtype))
+                    elif name == "running_var":
+                        b.copy_(1.0 + 0.3 * torch.rand(b.shape, generator=gen, dtype=torch.float64).to(b.dtype))
+    return model.eval()
+
+
+def tiny_instance(model_cls, config, *, seed: int = 0, dtype: torch.dtype = torch.float64,
+                  shrink: bool = True) -> nn.Module:
+    """Build ``model_cls`` from a small copy of ``config`` on CPU (no downloads, no weights), perturbed, in eval mode.
+
+    ``model_cls`` may be a concrete class (``CLIPModel``) or an auto class (``AutoModelForCausalLM``).
+    """
+    cfg = tiny_config(config) if shrink else copy.deepcopy(config)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if hasattr(model_cls, "_from_config"):
+            model = model_cls._from_config(cfg, dtype=dtype)
+        else:
+            model = model_cls.from_config(cfg, dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(dtype=dtype)
+    return perturb_(model, seed)
+
+
+# --- probe inputs ------------------------------------------------------------------------------------------------
+
+def _forward_params(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _sub(config, *names: str):
+    """The first nested sub-config among ``names`` (e.g. vision_config), else ``config`` itself."""
+    for n in names:
+        sub = getattr(config, n, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            return sub
+    return config
+
+
+def _all_special_ids(config) -> set[int]:
+    ids: set[int] = set()
+    stack = [config.to_dict()]
+    while stack:
+        d = stack.pop()
+        for _, v in _special_ids(d):
+            ids.update(v if isinstance(v, list) else [v])
+        stack.extend(v for v in d.values() if isinstance(v, dict))
+    return ids
+
+
+def _text_ids(config, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    """Random ordinary token ids: inside the vocab, none of them a special (bos/eos/pad/image ...) token."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None) or VOCAB
+    special = _all_special_ids(config)
+    allowed = torch.tensor([i for i in range(min(int(vocab), VOCAB)) if i not in special][: max(8, VOCAB - 40)])
+    return allowed[torch.randint(0, len(allowed), (batch, seq), generator=gen)]
+
+
+def _image_size(config) -> tuple[int, int, int]:
+    vc = _sub(config, "vision_config", "backbone_config")
+    size = getattr(vc, "image_size", None) or getattr(config, "image_size", None) or IMAGE
+    if isinstance(size, (list, tuple)):
+        h, w = int(size[0]), int(size[-1])
+    elif isinstance(size, dict):
+        h, w = int(size.get("height", IMAGE)), int(size.get("width", IMAGE))
+    else:
+        h = w = int(size)
+    return int(getattr(vc, "num_channels", None) or 3), h, w
+
+
+def _image_token_id(config) -> int | None:
+    for k in ("image_token_id", "image_token_index"):
+        v = getattr(config, k, None)
+        if _is_int(v):
+            return v
+    return None
+
+
+def _count_image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> int | None:
+    """How many image-token positions the language model expects for these pixels (from the vision features)."""
+    get = getattr(model, "get_image_features", None)
+    if get is None:
+        return None
+    try:
+        with torch.no_grad():
+            feats = get(pixel_values=pixel_values)
+    except Exception:  # noqa: BLE001 - a composite we cannot introspect: the caller falls back to text only
+        return None
+    if hasattr(feats, "pooler_output") and feats.pooler_output is not None:
+        feats = feats.pooler_output
+    elif hasattr(feats, "to_tuple"):
+        feats = feats.to_tuple()[0]
+    tensors = list(feats) if isinstance(feats, (list, tuple)) else [feats]
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    return sum(int(t.reshape(-1, t.shape[-1]).shape[0]) for t in tensors) // pixel_values.shape[0]
+
+
+@torch.no_grad()
+def probe_inputs(model: nn.Module, config=None, *, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
+    """Inputs for every main input the model takes: ids, pixels, audio features/samples, decoder ids, VLM prompts.
+
+    Token ids avoid special ids (an image token without an image is an error in a VLM); a VLM prompt gets as many
+    image tokens as its vision tower yields, so the tower is exercised; MAE-style random masking gets fixed noise so
+    two runs see the same tokens.
+    """
+    config = config if config is not None else model.config
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    params = _forward_params(model)
+    main = getattr(model, "main_input_name", "input_ids")
+    probes: dict[str, torch.Tensor] = {}
+    if main == "input_features" or (main not in params and "input_features" in params):
+        ac = _sub(config, "audio_config", "encoder_config")
+        bins = int(getattr(ac, "num_mel_bins", None) or getattr(ac, "input_feat_per_channel", None) or 80)
+        frames = 2 * int(getattr(ac, "max_source_positions", None) or 32)
+        if getattr(ac, "model_type", "") not in ("whisper",) and "whisper" not in getattr(config, "model_type", ""):
+            frames = min(frames, 64)
+        probes["input_features"] = torch.randn(batch, bins, frames, generator=gen, dtype=dtype)
+        if getattr(config, "model_type", "") not in ("whisper",) and "speech_to_text" in getattr(config, "model_type", ""):
+            probes["input_features"] = probes["input_features"].transpose(1, 2).contiguous()
+    elif main == "input_values":
+        probes["input_values"] = torch.randn(batch, 4000, generator=gen, dtype=dtype)
+    if main == "pixel_values" or "pixel_values" in params:
+        c, h, w = _image_size(config)
+        probes["pixel_values"] = torch.randn(batch, c, h, w, generator=gen, dtype=dtype)
+    if main == "input_ids" or "input_ids" in params and main != "pixel_values":
+        ids = _text_ids(config, batch, seq_len, gen)
+        image_token = _image_token_id(config)
+        if image_token is not None and "pixel_values" in probes:
+            n = _count_image_tokens(model, probes["pixel_values"])
+            if n:
+                ids = torch.cat([ids[:, :2], torch.full((batch, n), image_token), ids[:, 2:]], dim=1)
+            else:
+                del probes["pixel_values"]
+        probes["input_ids"] = ids
+    if "decoder_input_ids" in params and "decoder_input_ids" not in probes and getattr(config, "is_encoder_decoder", False):
+        probes["decoder_input_ids"] = _text_ids(config, batch, max(4, seq_len // 2), gen)
+    if "noise" in params and "pixel_values" in probes and hasattr(config, "mask_ratio"):
+        _, h, w = _image_size(config)
+        patch = getattr(config, "patch_size", PATCH)
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        probes["noise"] = torch.rand(batch, (h // patch) * (w // patch), generator=gen, dtype=dtype)
+    return probes
