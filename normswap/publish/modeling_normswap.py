@@ -130,6 +130,42 @@ def swap_layernorms_(model: nn.Module, names, recentered=()) -> int:
     return count
 
 
+def fold_saved_batchnorms_(model: nn.Module, entries) -> int:
+    """Remove each BatchNorm that normswap folded (``config.normswap["batchnorm_folded"]``); returns the count.
+
+    The checkpoint stores them as ``x + c`` per channel so the stock class loads it; here the map ``x·s + t`` (s = 1
+    up to rounding) moves into the producing conv/linear (a bias is created if it has none, float64, cast back
+    once) and the BatchNorm becomes ``nn.Identity``: the same function, one op fewer. Needs the loaded weights.
+    """
+    count = 0
+    for entry in entries:
+        bn_found, layer_found = _resolve(model, entry["batchnorm"]), _resolve(model, entry["into"])
+        if bn_found is None and layer_found is None:
+            continue  # a head that this class does not have
+        if bn_found is None or layer_found is None:
+            raise ValueError(f"normswap metadata folds {entry['batchnorm']} into {entry['into']}, but "
+                             f"{type(model).__name__} has only one of them")
+        (bn_name, bn), (_, layer) = bn_found, layer_found
+        if isinstance(bn, nn.Identity):
+            continue
+        with torch.no_grad():
+            s = torch.rsqrt(bn.running_var.double() + bn.eps)
+            s = s * bn.weight.double() if bn.weight is not None else s
+            t = -bn.running_mean.double() * s + (bn.bias.double() if bn.bias is not None else 0.0)
+            w = layer.weight
+            bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(s)
+            w.copy_((w.double() * s.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+            new_bias = (bias * s + t).to(w.dtype)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(new_bias, requires_grad=w.requires_grad)
+            else:
+                layer.bias.copy_(new_bias)
+        parent_name, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+        count += 1
+    return count
+
+
 class NormswapMixin:
     """Put before the stock class: ``class NormswapGPT2LMHeadModel(NormswapMixin, transformers.GPT2LMHeadModel)``."""
 
@@ -138,6 +174,16 @@ class NormswapMixin:
         meta = getattr(config, "normswap", None)
         if isinstance(meta, dict) and meta.get("swapped_norms"):
             swap_layernorms_(self, meta["swapped_norms"], meta.get("recentered_norms") or ())
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Folded BatchNorms are removed after the weights are loaded (their values are needed)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        meta = getattr(model.config, "normswap", None)
+        if isinstance(meta, dict) and meta.get("batchnorm_folded"):
+            fold_saved_batchnorms_(model, meta["batchnorm_folded"])
+        return loaded
 
 
 def share_weight_conversions(stock_model_type: str, classes: dict, custom_model_type: str | None = None) -> None:
