@@ -289,8 +289,22 @@ def _split_override(text: str) -> tuple[str, object]:
     return key.strip(), _parse_scalar(value)
 
 
-#: Where recipe names (``minilm``) are looked up: a checkout's recipes/ folder, then the current directory's.
-RECIPE_DIRS = (Path(__file__).resolve().parents[2] / "recipes", Path("recipes"))
+def _packaged_recipes() -> Path | None:
+    """``normswap/recipes/`` inside an installed package: the wheel maps the checkout's ``recipes/`` there (see
+    ``[tool.setuptools.package-dir]`` in pyproject.toml), so names resolve without a checkout. Found through
+    importlib.resources so it follows wherever the package was installed."""
+    from importlib import resources
+
+    root = resources.files("normswap")
+    return Path(str(root)) / "recipes" if isinstance(root, Path) else None
+
+
+#: Where recipe names (``minilm``) are looked up, first match wins: the recipes shipped in the installed package, a
+#: checkout's ``recipes/`` folder (a plain or editable checkout has no copy inside the package), then the current
+#: directory's ``recipes/``. Every ``*.yaml`` in these folders is a recipe name.
+RECIPE_DIRS = tuple(
+    d for d in (_packaged_recipes(), Path(__file__).resolve().parents[2] / "recipes", Path("recipes")) if d is not None
+)
 
 
 def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
