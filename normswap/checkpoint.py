@@ -240,6 +240,10 @@ def load(
     except Exception as exc:  # noqa: BLE001
         raise _wrap_load_error(path, exc) from exc
     swap_named_norms_(model, meta["swapped_norms"], meta.get("recentered_norms", ()))
+    if meta.get("batchnorm_folded"):  # --to none on a BatchNorm model: remove the folded BatchNorms
+        from normswap.batchnorm import fold_saved_batchnorms_
+
+        fold_saved_batchnorms_(model, meta["batchnorm_folded"])
     if device:
         model.to(device)
     return model.eval()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from normswap._version import __version__
-from normswap.batchnorm.discover import FoldPair, batchnorm_modules, discover
+from normswap.batchnorm.discover import Discovery, FoldPair, batchnorm_modules, discover
 from normswap.batchnorm.fold import fold_into_stored_form_
 from normswap.errors import NormswapError
 from normswap.surgery import check_finite
@@ -143,6 +143,7 @@ def fold_batchnorms_(
     tolerance: float | None = None,
     tokenizer=None,
     probes: dict | None = None,
+    discovery: Discovery | None = None,
 ) -> BatchNormReport:
     """Fold, in place and in float64, every BatchNorm that reads the output of a conv/linear layer alone.
 
@@ -150,6 +151,7 @@ def fold_batchnorms_(
     names. The model stays loadable by its stock class; the report lists every kept BatchNorm with its reason and
     the verification figures (outputs before and after on the same probes). Raises :class:`NothingToFoldError`
     when nothing folds and :class:`BatchStatisticsError` for training-mode semantics, before touching anything.
+    ``discovery`` reuses a :func:`discover` result measured on the same ``probes`` (the CLI measures first).
     """
     check_inference_semantics(model, keep_batch_stats)
     bns = batchnorm_modules(model)
@@ -161,7 +163,7 @@ def fold_batchnorms_(
             probes = make_probes(model, tokenizer)
         except ValueError as exc:
             raise NormswapError(f"cannot build probe inputs to trace this model: {exc}") from None
-    found = discover(model, probes)
+    found = discovery if discovery is not None else discover(model, probes)
     if not found.pairs:
         raise NothingToFoldError(nothing_to_fold_message(model, found.kept))
     reference = reference_outputs(model, probes) if verify_result else None

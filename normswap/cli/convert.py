@@ -8,6 +8,7 @@ from pathlib import Path
 from normswap.assets import resolve_model
 from normswap.cli.eval import add_convert_arguments, start_convert_evaluation
 from normswap.streaming.cli import add_streaming_arguments, maybe_run_streaming
+from normswap.targets import add_target_arguments, run_target
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the conversion report as JSON")
     add_convert_arguments(p)
     add_streaming_arguments(p)
+    add_target_arguments(p)  # --to rmsnorm|none|dyt: normswap/targets.py
     p.set_defaults(func=run)
 
 
@@ -43,6 +45,9 @@ def default_output(src: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    targeted = run_target(args)  # --to none|dyt run their own path; None: LayerNorm → RMSNorm below
+    if targeted is not None:
+        return targeted
     import json
 
     import normswap
