@@ -1,0 +1,362 @@
+"""``discover(model)``: find a model's norms, the writers of their streams and their readers, by measurement.
+
+The steps, each a measurement on a float64 copy of a small instance:
+1. one traced pass on probe inputs; the norms are the modules that pass the shift and scale tests (norms.py);
+2. every module or bare parameter whose output is norm-sized gets a random per-token multiple of ones added, one pass
+   each: invisible ones are writers that can be centred, and the norms whose input moved along ones are the norms
+   they feed (writers.py);
+3. the affine writers (and LayerScale pairs) are centred in a copy; norms still reading a non-zero mean get their
+   nonlinear producers re-centred one at a time (a norm whose output is the stream, a positions module, the inline
+   input of a block), until every norm that can be exact is (simulate.py);
+4. what is left is classified: post-LN (input = an earlier norm's output + centred writers: approximate), blocked by a
+   raw reader (a module or an output that reads the stream without a norm), or not a stream at all (per-head q/k
+   norms). Every refusal names the module and why.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from normswap import maths
+from normswap.adapters.spec import Adapter
+from normswap.discovery import readers as _readers
+from normswap.discovery.capture import Trace, same, trace
+from normswap.discovery.norms import find_norms
+from normswap.discovery.simulate import Fix, measure_fixes, norm_ratios
+from normswap.discovery.template import NormRole, WriterRole, build_adapter, module_lists, split_block
+from normswap.discovery.writers import (
+    Effect,
+    affine_layout,
+    check_deterministic,
+    find_layer_scale,
+    measure,
+    module_candidates,
+    output_effect,
+    param_candidates,
+    raw_readers,
+)
+from normswap.errors import NormswapError
+
+#: |mean|/rms at a norm's input below which discovery calls the norm exact (float64 instance).
+RATIO = 1e-6
+
+
+class DiscoveryError(NormswapError):
+    """The model cannot be measured (a stochastic forward, a forward that fails on probe inputs)."""
+
+
+@dataclass
+class NormFinding:
+    name: str
+    status: str  # "exact" | "approximate" | "kept"
+    reason: str = ""
+    mean_ratio: float = 0.0
+    writes_stream: bool = False
+    readers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Discovery:
+    """What discovery measured on one instance, and the adapter it amounts to (None: no LayerNorm-like module)."""
+
+    model_type: str
+    adapter: Adapter | None
+    norms: list[NormFinding]
+    rms_norms: list[str]
+    writers: list[Fix]
+    raw_readers: dict[str, str]
+    raw_stream_outputs: list[str]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> dict[str, str]:
+        return {n.name: n.reason for n in self.norms if n.status == "kept"}
+
+    @property
+    def swapped(self) -> list[str]:
+        return [n.name for n in self.norms if n.status != "kept"]
+
+
+def _start(tr: Trace, name: str) -> int:
+    calls = tr.calls.get(name)
+    return calls[0].start if calls else 1 << 30
+
+
+def _output_ratio(tr: Trace, module: nn.Module, name: str) -> float:
+    axis = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
+    vals = [float(maths.hidden_mean_ratio(c.out.movedim(axis, -1)).max()) for c in tr.calls.get(name, [])
+            if c.out is not None]
+    return max(vals, default=0.0)
+
+
+def _innermost(names: list[str]) -> list[str]:
+    return [n for n in names if not any(o != n and o.startswith(n + ".") for o in names)]
+
+
+class _Engine:
+    def __init__(self, model: nn.Module, probes: dict, seed: int) -> None:
+        self.model, self.probes, self.seed = model, probes, seed
+        self.modules = dict(model.named_modules())
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+
+    def _tick(self, label: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.timings[label] = round(now - t0, 3)
+        return now
+
+    def run(self, model_type: str) -> Discovery:
+        t = t0 = time.perf_counter()
+        ref = self.ref = trace(self.model, self.probes, keep_args=True)
+        moving = check_deterministic(self.model, self.probes, ref)
+        if moving:
+            raise DiscoveryError(f"the model's outputs ({', '.join(moving[:3])}) change between two identical runs "
+                                 "in eval mode; discovery needs a deterministic forward")
+        found = find_norms(self.model, ref, self.seed)
+        ln = [f.name for f in found if f.kind == "layernorm"]
+        rms = [f.name for f in found if f.kind == "rmsnorm"]
+        t = self._tick("norms", t)
+        if not ln:
+            return Discovery(model_type, None, [], rms, [], {}, [], time.perf_counter() - t0, self.timings)
+        hidden = {f.hidden for f in found if f.kind == "layernorm"}
+        mods = module_candidates(self.model, ref, hidden, skip=set())
+        pars = param_candidates(self.model, ref, hidden, {f.name for f in found})
+        effects = measure(self.model, self.probes, ref, mods, "module", ln, self.seed + 1)
+        effects.update(measure(self.model, self.probes, ref, pars, "param", ln, self.seed + 1000))
+        self.effects = effects
+        t = self._tick("writers", t)
+
+        fixes, feeds = self._affine_fixes(effects, set(ln))
+        fixes, feeds, tr, ratios = self._iterate(fixes, feeds, effects, ln)
+        t = self._tick("centring", t)
+
+        findings, raw = self._classify(ln, ratios, tr, effects, fixes)
+        swapped = {f.name for f in findings if f.status != "kept"}
+        kept_fixes = [f for f in fixes if f.layout in ("recenter", "recenter_input", "writes_stream")
+                      or feeds.get(f.name, set()) & swapped]
+        if kept_fixes != fixes:
+            sim, tr2 = measure_fixes(self.model, self.probes, kept_fixes)
+            r2 = norm_ratios(tr2, ln)
+            if all(r2[f.name] <= RATIO for f in findings if f.status == "exact"):
+                fixes, tr = kept_fixes, tr2
+            else:
+                self.notes.append("pruning writers that feed no swapped norm broke a norm; all candidates kept")
+        else:
+            sim = None
+        findings = self._verify_outputs(findings, fixes)
+        stream_outputs = sorted({o for f in fixes for o in self._effect_of(f).raw_outputs})
+        for f in findings:
+            if f.status != "kept":
+                f.readers = _readers.fold_readers(self.model, self.probes, ref, f.name)
+        t = self._tick("readers", t)
+
+        writes_stream = {f.name for f in fixes if f.layout == "writes_stream"}
+        for f in findings:
+            f.writes_stream = f.name in writes_stream
+        writer_roles = [WriterRole(f.name, f.layout, f.scale) for f in fixes if f.layout != "writes_stream"]
+        norm_roles = [NormRole(f.name, f.status == "exact", f.writes_stream, f.readers,
+                               _readers.reader_layout(self.modules, f.readers)) for f in findings
+                      if f.status != "kept"]
+        kept = {f.name: f.reason for f in findings if f.status == "kept"}
+        adapter, unexpressed = build_adapter(self.model, model_type, writer_roles, norm_roles, kept, stream_outputs,
+                                             notes="discovered by normswap.discovery (measured on a small instance)")
+        if unexpressed:
+            self.notes.append(f"roles outside the base model cannot be declared: {', '.join(unexpressed)}")
+        del sim
+        return Discovery(model_type, adapter, findings, rms, fixes, raw, stream_outputs,
+                         time.perf_counter() - t0, self.timings, self.notes)
+
+    # --- writers ---------------------------------------------------------------------------------------------------
+
+    def _effect_of(self, fix: Fix) -> Effect:
+        return self.effects.get(fix.name) or self.effects.get("input:" + fix.name) or Effect(fix.name, "module")
+
+    def _affine_fixes(self, effects: dict[str, Effect], norm_names: set[str]) -> tuple[list[Fix], dict[str, set]]:
+        fixes, feeds = [], {}
+        order = sorted(effects.values(), key=lambda e: _start(self.ref, e.name) if e.kind == "module" else -1)
+        for e in order:
+            if not e.invisible:
+                continue
+            if e.kind == "param":
+                fixes.append(Fix(e.name, "param"))
+                feeds[e.name] = set(e.feeds)
+            elif (layout := affine_layout(self.modules[e.name])) is not None:
+                fixes.append(Fix(e.name, layout))
+                feeds[e.name] = set(e.feeds)
+        fixed = {f.name for f in fixes}
+        self.scaled: set[str] = set()
+        for e in order:
+            if e.kind != "module" or not e.invisible or e.name in fixed or e.name in norm_names:
+                continue
+            if affine_layout(self.modules[e.name]) is not None:
+                continue
+            pair = find_layer_scale(self.model, self.ref, e.name)
+            if pair is None:
+                continue
+            self.scaled.add(e.name)
+            if pair[0] in fixed:
+                feeds[pair[0]] |= e.feeds
+                continue
+            layout = affine_layout(self.modules[pair[0]])
+            fixes.append(Fix(pair[0], layout, scale=pair[1]))  # type: ignore[arg-type]
+            fixed.add(pair[0])
+            feeds[pair[0]] = set(e.feeds)
+        return fixes, feeds
+
+    def _iterate(self, fixes: list[Fix], feeds: dict[str, set], effects: dict[str, Effect], ln: list[str]):
+        """Add nonlinear producers (re-centred) one at a time until no failing norm can be helped."""
+        for _ in range(12):
+            sim, tr = measure_fixes(self.model, self.probes, fixes)
+            ratios = norm_ratios(tr, ln)
+            failing = sorted((n for n in ln if ratios[n] > RATIO), key=lambda n: _start(tr, n))
+            fix = self._next_fix(failing, tr, effects, {f.name for f in fixes}, set(ln))
+            if fix is None:
+                return fixes, feeds, tr, ratios
+            fixes = [*fixes, fix]
+            feeds[fix.name] = set(self._effect_of(fix).feeds)
+        return fixes, feeds, tr, ratios
+
+    def _next_fix(self, failing: list[str], tr: Trace, effects: dict[str, Effect], fixed: set[str],
+                  ln: set[str]) -> Fix | None:
+        for n in failing:
+            if any(n in e.feeds and not e.invisible for e in effects.values()):
+                continue  # a writer of this stream is visible: no re-centring can make it exact
+            feeders = [e.name for e in effects.values()
+                       if n in e.feeds and e.invisible and e.kind == "module" and e.name not in fixed
+                       and e.name not in self.scaled and affine_layout(self.modules[e.name]) is None
+                       and _output_ratio(tr, self.modules[e.name], e.name) > RATIO]
+            if feeders:
+                pick = min(_innermost(feeders), key=lambda m: _start(tr, m))
+                return Fix(pick, "writes_stream" if pick in ln else "recenter")
+            fix = self._recenter_input(n, tr, fixed, ln)
+            if fix is not None:
+                return fix
+        return None
+
+    def _recenter_input(self, norm: str, tr: Trace, fixed: set[str], ln: set[str]) -> Fix | None:
+        """The stream entered between modules (inline code): re-centre the input of the outermost module reading it."""
+        calls = tr.calls.get(norm)
+        if not calls or calls[0].inp is None:
+            return None
+        x = calls[0].inp
+        parts = norm.split(".")
+        for k in range(1, len(parts)):
+            anc = ".".join(parts[:k])
+            acalls = tr.calls.get(anc)
+            if anc in fixed or not acalls or acalls[0].inp is None or not same(acalls[0].inp, x):
+                continue
+            effect = measure(self.model, self.probes, self.ref, [anc], "input", sorted(ln), self.seed + 5000)[anc]
+            if not effect.invisible:
+                return None
+            effect.feeds.add(norm)
+            self.effects["input:" + anc] = effect
+            return Fix(anc, "recenter_input")
+        return None
+
+    # --- classification --------------------------------------------------------------------------------------------
+
+    def _classify(self, ln: list[str], ratios: dict[str, float], tr: Trace, effects: dict[str, Effect],
+                  fixes: list[Fix]) -> tuple[list[NormFinding], dict[str, str]]:
+        lists = module_lists(self.model)
+        findings, raw = [], {}
+        diagnosed: dict[str, tuple[list[str], list[str]]] = {}
+        for n in ln:
+            if ratios[n] <= RATIO:
+                findings.append(NormFinding(n, "exact", mean_ratio=ratios[n]))
+                continue
+            visible = sorted((e for e in effects.values() if n in e.feeds and not e.invisible),
+                             key=lambda e: (e.name in ln, e.kind != "module" or affine_layout(self.modules[e.name])
+                                            is None, _start(self.ref, e.name)))
+            post_of = self._post_ln_source(n, tr, ln)
+            if visible:
+                e = visible[0]
+                if e.name not in diagnosed:
+                    diagnosed[e.name] = (raw_readers(self.model, self.probes, self.ref, e, set(ln)), e.visible)
+                readers, outputs = diagnosed[e.name]
+                outside = [r for r in readers if split_block(r, lists) is None]
+                if post_of is not None and not outside and not (set(outputs) - {"last_hidden_state"}) \
+                        and e.name in ln:
+                    findings.append(NormFinding(n, "approximate", f"reads the output of {post_of} plus sublayer "
+                                                "outputs (post-LN): not zero-mean", ratios[n]))
+                    continue
+                who = outside or readers
+                if who:
+                    reason = (f"its stream is read without a norm by {who[0]}"
+                              f"{' (and ' + str(len(who) - 1) + ' more)' if len(who) > 1 else ''}, so the mean "
+                              f"of {e.name} is visible there")
+                    for r in who:
+                        raw.setdefault(r, f"reads the stream of {n} without a norm")
+                else:
+                    reason = (f"its stream reaches the model output {outputs[0] if outputs else '?'} without a norm, "
+                              f"so the mean of {e.name} is visible there")
+                findings.append(NormFinding(n, "kept", reason, ratios[n]))
+            elif post_of is not None:
+                findings.append(NormFinding(n, "approximate", f"reads the output of {post_of} plus sublayer outputs "
+                                            "(post-LN): not zero-mean", ratios[n]))
+            else:
+                findings.append(NormFinding(n, "kept", "its input is not a sum of writers whose mean the model cannot "
+                                            "see (it reads a projection, not the residual stream)", ratios[n]))
+        return findings, raw
+
+    def _post_ln_source(self, norm: str, tr: Trace, ln: list[str]) -> str | None:
+        """An earlier norm whose output has, token by token, the same mean as this norm's input (post-LN)."""
+        calls = tr.calls.get(norm)
+        if not calls or calls[0].inp is None:
+            return None
+        x_mean = calls[0].inp.mean(-1)
+        start = calls[0].start
+        best = None
+        for m in ln:
+            mc = tr.calls.get(m)
+            if m == norm or not mc or mc[0].out is None or mc[0].start >= start or mc[0].out.shape != calls[0].inp.shape:
+                continue
+            if same(mc[0].out.mean(-1), x_mean, 1e-6):
+                best = m if best is None or mc[0].start > tr.calls[best][0].start else best
+        return best
+
+    def _verify_outputs(self, findings: list[NormFinding], fixes: list[Fix]) -> list[NormFinding]:
+        """Centring every discovered writer must leave the outputs where they were (stream outputs along ones)."""
+        sim, tr = measure_fixes(self.model, self.probes, fixes)
+        visible, _ = output_effect(self.ref.outputs, tr.outputs)
+        if not visible:
+            return findings
+        reason = (f"centring the discovered writers moved the output {visible[0]}: discovery cannot explain this "
+                  "model's stream, so no norm is converted on a guess")
+        self.notes.append(reason)
+        fixes.clear()
+        return [NormFinding(f.name, "kept", reason, f.mean_ratio) for f in findings]
+
+
+def prepare(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A float64, eval-mode, perturbed deep copy of ``model`` (the caller's model is never touched)."""
+    from normswap.discovery.instance import perturb_
+
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise DiscoveryError("discover() needs a model with real weights; use discover_from_config for a meta model")
+    work = copy.deepcopy(model).to(torch.float64).eval()
+    return perturb_(work, seed)
+
+
+def discover(model: nn.Module, probes: dict | None = None, *, seed: int = 0) -> Discovery:
+    """Discover ``model``'s norms, writers and readers on a float64 copy of it (meant for small instances)."""
+    from normswap.discovery.instance import probe_inputs
+
+    work = prepare(model, seed)
+    if probes is None:
+        probes = probe_inputs(work)
+    probes = {k: v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in probes.items()}
+    try:
+        return _Engine(work, probes, seed).run(getattr(work.config, "model_type", type(model).__name__))
+    except DiscoveryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own forward failed on the probes: say which and why
+        raise DiscoveryError(f"discovery could not run {type(model).__name__} on probe inputs "
+                             f"({', '.join(probes)}): {type(exc).__name__}: {exc}") from exc
