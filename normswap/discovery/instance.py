@@ -187,6 +187,9 @@ def _shrink_one(d: dict, remap: dict[int, int]) -> None:
     for k in ("xvector_output_dim", "classifier_proj_size", "codevector_dim", "proj_codevector_dim"):
         if _is_int(d.get(k)) and d[k] > 32:
             d[k] = 32
+    for k in ("use_pretrained_backbone", "use_timm_backbone"):  # no weights may be fetched
+        if d.get(k) is True:
+            d[k] = False
     _shrink_vocab(d, remap)
     _shrink_vision(d)
     _shrink_rope(d)
@@ -303,6 +306,35 @@ def perturb_(model: nn.Module, seed: int = 0) -> nn.Module:
                     elif name == "running_var":
                         b.copy_(1.0 + 0.3 * torch.rand(b.shape, generator=gen, dtype=torch.float64).to(b.dtype))
     return model.eval()
+
+
+#: Auto mappings tried in order when picking the class to build for a model type (heads give logits to verify).
+_ENC_DEC_ORDER = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+                  "MODEL_MAPPING_NAMES")
+_DEFAULT_ORDER = ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
+
+
+def default_model_class(config) -> type | None:
+    """The class a user would most likely load for this config: LM head for decoders, seq2seq for encoder-decoders,
+    masked-LM for encoders, the VLM for image-text models, else the base model; None when transformers has none."""
+    import transformers
+    from transformers.models.auto import modeling_auto as ma
+
+    mt = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        order: tuple[str, ...] = _ENC_DEC_ORDER
+    elif mt in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        order = ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", *_DEFAULT_ORDER)
+    else:
+        order = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", *_DEFAULT_ORDER)
+    rest = sorted(n for n in dir(ma) if n.startswith("MODEL_") and n.endswith("_MAPPING_NAMES") and n not in order)
+    for mapping in (*order, *rest):
+        names = getattr(ma, mapping, {}).get(mt)
+        for name in (names,) if isinstance(names, str) else tuple(names or ()):
+            cls = getattr(transformers, name, None)
+            if cls is not None:
+                return cls
+    return None
 
 
 def tiny_instance(model_cls, config, *, seed: int = 0, dtype: torch.dtype = torch.float64,
