@@ -18,6 +18,19 @@ def center(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t64 - t64.mean(dim=axis, keepdim=True)
 
 
+def center_scaled(t: torch.Tensor, axis: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` times a LayerScale ``scale`` (indexed along ``axis``, the hidden one), then centred along ``axis``.
+
+    Folding the scale first matters: ``λ ⊙ centre(W)`` is not zero-mean, ``centre(λ ⊙ W)`` is. float64 in and out.
+    """
+    t64 = t.detach().to(torch.float64)
+    if scale is not None:
+        shape = [1] * t64.dim()
+        shape[axis] = -1
+        t64 = t64 * scale.detach().to(torch.float64).reshape(shape)
+    return t64 - t64.mean(dim=axis, keepdim=True)
+
+
 def center_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
     """A writer weight whose every output vector is zero-mean along the hidden dimension (float64)."""
     try:

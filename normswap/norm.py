@@ -13,6 +13,52 @@ from torch import nn
 
 from normswap.kernels import rms_norm
 
+#: Attribute names a LayerNorm-like class may keep its epsilon under (nn.LayerNorm, Cohere, TF ports).
+EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
+#: F.layer_norm's default, used by parameter-free classes that hard-code it (OlmoLayerNorm).
+DEFAULT_EPS = 1e-5
+
+
+def norm_eps(norm: nn.Module) -> float:
+    """The epsilon of a LayerNorm-like module, whatever attribute its class keeps it under."""
+    for attr in EPS_ATTRIBUTES:
+        value = getattr(norm, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return DEFAULT_EPS
+
+
+def norm_shape(norm: nn.Module) -> tuple[int, ...]:
+    """The normalised shape of a LayerNorm-like module (attribute, else its gain's shape)."""
+    shape = getattr(norm, "normalized_shape", None)
+    if shape is None:
+        weight = getattr(norm, "weight", None)
+        if weight is None:
+            raise ValueError(f"cannot tell the normalised size of a {type(norm).__name__}: no normalized_shape, "
+                             "no weight")
+        shape = tuple(weight.shape)
+    return (int(shape),) if isinstance(shape, numbers.Integral) else tuple(int(d) for d in shape)
+
+
+def is_rmsnorm_like(module: nn.Module) -> bool:
+    """Already an RMSNorm (normswap's or a model's own ``*RMSNorm`` class): nothing to swap."""
+    return isinstance(module, RMSNorm) or "rmsnorm" in type(module).__name__.lower()
+
+
+def is_layernorm_like(module: nn.Module) -> bool:
+    """A mean-subtracting norm over the last dimension: ``nn.LayerNorm`` or a model's own ``*LayerNorm`` class.
+
+    Channels-first variants (ConvNeXt's ``data_format="channels_first"``) normalise another axis and are not.
+    """
+    if is_rmsnorm_like(module):
+        return False
+    if getattr(module, "data_format", "channels_last") != "channels_last":
+        return False
+    if isinstance(module, nn.LayerNorm):
+        return True
+    return type(module).__name__.endswith("LayerNorm") and (
+        getattr(module, "normalized_shape", None) is not None or isinstance(getattr(module, "weight", None), nn.Parameter))
+
 
 class RMSNorm(nn.Module):
     """RMSNorm with an optional bias: ``y = x / sqrt(mean(x**2) + eps) * weight + bias``.
@@ -48,26 +94,39 @@ class RMSNorm(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_layernorm(cls, ln: nn.LayerNorm) -> RMSNorm:
-        """An RMSNorm sharing ``ln``'s parameters (no copy), so swapping modules never duplicates memory."""
-        shape = tuple(ln.normalized_shape)
-        weight = getattr(ln, "weight", None)
-        bias = getattr(ln, "bias", None)
-        ref = weight if weight is not None else None
+    def from_norm(cls, norm: nn.Module) -> RMSNorm:
+        """An RMSNorm sharing the parameters of a LayerNorm-like module of any class (no copy).
+
+        Reads what it needs by attribute, so it takes ``nn.LayerNorm`` and the models' own classes alike:
+        ``CohereLayerNorm`` (weight only, ``variance_epsilon``), ``OlmoLayerNorm`` (no parameters at all, eps fixed
+        at 1e-5), bias-free LayerNorms. Parameters keep the names ``weight``/``bias``, so the stock keys stay.
+        """
+        weight = getattr(norm, "weight", None)
+        bias = getattr(norm, "bias", None)
+        weight = weight if isinstance(weight, nn.Parameter) else None
+        bias = bias if isinstance(bias, nn.Parameter) else None
+        shape = norm_shape(norm)
         new = cls(
             shape,
-            eps=ln.eps,
+            eps=norm_eps(norm),
             bias=bias is not None,
             elementwise_affine=weight is not None,
-            device=ref.device if ref is not None else None,
-            dtype=ref.dtype if ref is not None else None,
+            device=weight.device if weight is not None else None,
+            dtype=weight.dtype if weight is not None else None,
         )
         if weight is not None:
             new.weight = weight
-        if bias is not None:
+            if bias is not None:
+                new.bias = bias
+        elif bias is not None:  # a bias without a gain: keep it under its own name
             new.bias = bias
-        new.train(ln.training)
+        new.train(norm.training)
         return new
+
+    @classmethod
+    def from_layernorm(cls, ln: nn.Module) -> RMSNorm:
+        """Alias of :meth:`from_norm` (kept for callers written before norms of other classes were supported)."""
+        return cls.from_norm(ln)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.bias, self.eps)

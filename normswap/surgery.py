@@ -14,9 +14,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from normswap import maths
-from normswap.adapters import Adapter, Norm, Writer
+from normswap.adapters import Adapter, Norm
 from normswap.errors import AlreadyRMSNormError, CheckpointError
-from normswap.norm import CenteredRMSNorm, RMSNorm
+from normswap.norm import CenteredRMSNorm, RMSNorm, is_layernorm_like, is_rmsnorm_like
+from normswap.structure import (
+    RUNTIME_RECENTERING,
+    Structure,
+    base_and_prefix,
+    first_present,
+    kept_pattern_reason,
+    lookup,
+    resolve,
+)
 
 
 @dataclass
@@ -24,6 +33,14 @@ class ResolvedWriter:
     name: str  # full name in the top-level model
     target: nn.Module | nn.Parameter
     layout: str
+    #: The LayerScale parameter multiplying this writer's output (folded into the writer, then set to ones).
+    scale: nn.Parameter | None = None
+    scale_name: str | None = None
+
+    @property
+    def recenter(self) -> str | None:
+        """``"output"``/``"input"``: re-centred at run time, weights untouched; None: weights centred."""
+        return RUNTIME_RECENTERING.get(self.layout)
 
 
 @dataclass
@@ -48,52 +65,34 @@ class Plan:
     skipped_optional: list[str]
     not_exact_reasons: list[str]
     tied_head: bool
+    structure: Structure | None = None
 
     @property
     def approximate_norms(self) -> list[str]:
         return [n.name for n in self.norms if not n.exact]
 
+    @property
+    def recentered_writers(self) -> dict[str, str]:
+        """``{full name: "output"|"input"}`` of the writers re-centred at run time (saved in the metadata)."""
+        return {w.name: w.recenter for w in self.writers if w.recenter is not None}
+
 
 def _prefix(model: nn.Module) -> tuple[nn.Module, str]:
     """The base model and its dotted name inside the top-level model ('' when the model is the base)."""
-    base = getattr(model, "base_model", model)
-    if base is model:
-        return model, ""
-    for name, module in model.named_children():
-        if module is base:
-            return base, name + "."
-    return base, ""
+    return base_and_prefix(model)
 
 
-def _lookup(root: nn.Module, path: str) -> nn.Module | nn.Parameter | None:
-    """Module or parameter at ``path`` under ``root``; None when absent or None-valued (optional roles)."""
-    obj: object = root
-    for part in path.split("."):
-        if obj is None:
-            return None
-        if isinstance(obj, nn.Module):
-            obj = obj._modules.get(part) if part in obj._modules else obj._parameters.get(part)
-        else:
-            return None
-    return obj if isinstance(obj, (nn.Module, nn.Parameter)) else None
-
-
-def _first_present(roots: Iterable[tuple[nn.Module, str]], path: str) -> tuple[str, nn.Module | nn.Parameter] | None:
-    """Resolve ``path`` (``a|b`` = first that exists) against several roots, in order."""
-    for alternative in path.split("|"):
-        for root, prefix in roots:
-            found = _lookup(root, alternative)
-            if found is not None:
-                return prefix + alternative, found
-    return None
+_lookup = lookup
+_first_present = first_present
 
 
 def is_layernorm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) and not isinstance(module, RMSNorm)
+    """A LayerNorm of any class (``nn.LayerNorm``, ``CohereLayerNorm``, ``OlmoLayerNorm``, ...), not an RMSNorm."""
+    return is_layernorm_like(module)
 
 
 def _is_rmsnorm_like(module: nn.Module) -> bool:
-    return isinstance(module, RMSNorm) or type(module).__name__.lower().endswith("rmsnorm")
+    return is_rmsnorm_like(module)
 
 
 def check_finite(model: nn.Module) -> None:
@@ -133,67 +132,33 @@ def _tied_head(model: nn.Module) -> bool:
 
 
 def build_plan(model: nn.Module, adapter: Adapter, approximate: bool = False) -> Plan:
-    """Resolve every role of ``adapter`` in ``model``; raises if a required role is missing (adapter bug)."""
-    base, prefix = _prefix(model)
-    blocks = _lookup(base, adapter.blocks)
-    if not isinstance(blocks, nn.ModuleList):
-        raise CheckpointError(
-            f"{adapter.model_type} adapter expects the blocks at {prefix}{adapter.blocks}, but this model has none there"
-        )
-    not_exact = adapter.post_ln_reasons(model.config)
-    all_inexact = bool(adapter.config_reasons(model.config))
-    writers: list[ResolvedWriter] = []
-    norms: list[ResolvedNorm] = []
-    skipped: list[str] = []
+    """Resolve every role of ``adapter`` in ``model`` (see :func:`normswap.structure.resolve`) and attach modules.
 
-    def add_writer(root: nn.Module, root_prefix: str, w: Writer) -> None:
-        found = _lookup(root, w.path)
-        if w.unless_present and _lookup(root, w.unless_present) is not None:
-            return
-        if found is None:
-            if not w.optional:
-                raise CheckpointError(f"{adapter.model_type} adapter: writer {root_prefix}{w.path} not found")
-            skipped.append(root_prefix + w.path)
-            return
-        writers.append(ResolvedWriter(root_prefix + w.path, found, w.layout))
-
-    def add_norm(root: nn.Module, root_prefix: str, n: Norm) -> None:
-        found = _lookup(root, n.path)
-        if found is None:
-            if not n.optional:
-                raise CheckpointError(f"{adapter.model_type} adapter: norm {root_prefix}{n.path} not found")
-            skipped.append(root_prefix + n.path)
-            return
-        if not isinstance(found, nn.LayerNorm):
+    Raises if a required role is missing (adapter bug) or a named norm is not LayerNorm-like (converted already).
+    """
+    structure = resolve(model, adapter)
+    writers = []
+    for w in structure.writers:
+        target = model.get_parameter(w.name) if w.is_parameter else model.get_submodule(w.name)
+        scale = model.get_parameter(w.scale) if w.scale else None
+        writers.append(ResolvedWriter(w.name, target, w.layout, scale, w.scale))
+    norms = []
+    for n in structure.norms:
+        module = model.get_submodule(n.name)
+        if not is_layernorm(module):
             raise CheckpointError(
-                f"{root_prefix}{n.path} is a {type(found).__name__}, not a LayerNorm; was this model converted already?"
+                f"{n.name} is a {type(module).__name__}, not a LayerNorm; was this model converted already?"
             )
-        readers = []
-        roots = [(root, root_prefix), (model, "")]
-        for r in n.readers:
-            hit = _first_present(roots, r)
-            if hit is not None and isinstance(hit[1], nn.Module):
-                readers.append(hit)
-        exact = n.exact and not all_inexact
-        norms.append(ResolvedNorm(root_prefix + n.path, found, n, exact, readers))
-
-    for w in adapter.embeddings:
-        add_writer(base, prefix, w)
-    for n in adapter.other_norms:
-        add_norm(base, prefix, n)
-    for i, block in enumerate(blocks):
-        bprefix = f"{prefix}{adapter.blocks}.{i}."
-        for w in adapter.block_writers:
-            add_writer(block, bprefix, w)
-        for n in adapter.block_norms:
-            add_norm(block, bprefix, n)
+        readers = [(r, model.get_submodule(r)) for r in n.readers]
+        norms.append(ResolvedNorm(n.name, module, n.spec, n.exact, readers))
 
     swapped = {id(n.module) for n in norms}
     kept, unaccounted = [], []
     for name, module in model.named_modules():
         if is_layernorm(module) and id(module) not in swapped:
-            (kept if any(k in name for k in adapter.kept_norms) else unaccounted).append(name)
-    return Plan(adapter, writers, norms, kept, unaccounted, skipped, not_exact, _tied_head(model))
+            (kept if kept_pattern_reason(adapter, name) is not None else unaccounted).append(name)
+    return Plan(adapter, writers, norms, kept, unaccounted, list(structure.skipped_optional),
+                list(structure.not_exact_reasons), _tied_head(model), structure)
 
 
 def untie_head_(model: nn.Module) -> bool:
@@ -224,16 +189,70 @@ def untie_head_(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def center_writers_(writers: list[ResolvedWriter]) -> None:
-    """Make every writer's contribution to the stream zero-mean (float64 maths, cast back once)."""
+    """Make every writer's contribution to the stream zero-mean (float64 maths, cast back once).
+
+    A LayerScale is folded into its writer first (rows and bias scaled, the scale set to ones, in the same float64
+    pass), because centring the writer alone would leave ``λ ⊙ centred`` uncentred. Run-time re-centrings
+    (``recenter``/``recenter_input``) change no weight: :func:`install_recentering_` handles them.
+    """
     for w in tqdm(writers, desc="centring writers", unit="tensor", disable=len(writers) < 64, leave=False):
-        if isinstance(w.target, nn.Parameter):
-            w.target.copy_(maths.center(w.target, maths.HIDDEN_AXIS[w.layout]).to(w.target.dtype))
+        if w.recenter is not None:
             continue
-        weight = w.target.weight
-        weight.copy_(maths.center_weight(weight, w.layout).to(weight.dtype))
-        bias = getattr(w.target, "bias", None)
-        if bias is not None:
-            bias.copy_(maths.center_bias(bias).to(bias.dtype))
+        axis = maths.HIDDEN_AXIS[w.layout]
+        scale = w.scale.detach() if w.scale is not None else None
+        if isinstance(w.target, nn.Parameter):
+            w.target.copy_(maths.center_scaled(w.target, axis, scale).to(w.target.dtype))
+        else:
+            weight = w.target.weight
+            weight.copy_(maths.center_scaled(weight, axis, scale).to(weight.dtype))
+            bias = getattr(w.target, "bias", None)
+            if bias is not None:
+                bias.copy_(maths.center_scaled(bias, -1, scale).to(bias.dtype))
+        if w.scale is not None:
+            w.scale.fill_(1.0)
+
+
+def _recenter_output(_module: nn.Module, _inputs, output):
+    """Forward hook: the module's output (or the first element of a tuple output) minus its hidden-axis mean."""
+    if isinstance(output, torch.Tensor):
+        return output - output.mean(dim=-1, keepdim=True)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (output[0] - output[0].mean(dim=-1, keepdim=True), *output[1:])
+    return output
+
+
+def _recenter_input(_module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: the module's first input (positional, else ``hidden_states=``) minus its hidden-axis mean."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (args[0] - args[0].mean(dim=-1, keepdim=True), *args[1:]), kwargs
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        x = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": x - x.mean(dim=-1, keepdim=True)}
+    return None
+
+
+def install_recentering_(model: nn.Module, recentered: dict[str, str]) -> int:
+    """Re-centre at run time where no weight can make the stream zero-mean (a nonlinear writer's output, or the
+    input of the first block after inline functional code); returns how many hooks were installed.
+
+    ``recentered`` is ``{module name: "output"|"input"}`` (the metadata's ``recentered_writers``). Hooks hold no
+    state, so they survive ``copy.deepcopy`` and leave the state dict (stock keys) untouched. Installing twice is a
+    no-op for a module that already carries the hook.
+    """
+    count = 0
+    for name, kind in recentered.items():
+        module = model.get_submodule(name)
+        if kind == "output":
+            if _recenter_output not in module._forward_hooks.values():
+                module.register_forward_hook(_recenter_output)
+                count += 1
+        elif kind == "input":
+            if _recenter_input not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_recenter_input, with_kwargs=True)
+                count += 1
+        else:
+            raise CheckpointError(f"metadata asks to re-centre the {kind!r} of {name}; expected 'output' or 'input'")
+    return count
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -246,22 +265,29 @@ def swap_norms_(model: nn.Module, norms: list[ResolvedNorm]) -> None:
     """Replace each resolved LayerNorm by an RMSNorm sharing its parameters (stock key names are kept)."""
     for n in norms:
         cls = CenteredRMSNorm if n.spec.writes_stream else RMSNorm
-        new = cls.from_layernorm(n.module)
+        new = cls.from_norm(n.module)
         _replace_module(model, n.name, new)
         n.module = new
 
 
-def swap_named_norms_(model: nn.Module, names: Iterable[str], recentered: Iterable[str] = ()) -> int:
-    """Swap the LayerNorms listed in saved metadata (used by ``normswap.load``); returns how many were swapped."""
+def swap_named_norms_(model: nn.Module, names: Iterable[str], recentered: Iterable[str] = (),
+                      recentered_writers: dict[str, str] | None = None) -> int:
+    """Swap the LayerNorms listed in saved metadata (used by ``normswap.load``); returns how many were swapped.
+
+    Norms of any LayerNorm-like class are taken (``CohereLayerNorm``, ``OlmoLayerNorm``); ``recentered_writers``
+    (``{name: "output"|"input"}``) re-installs the run-time re-centrings the conversion relied on.
+    """
     recentered = set(recentered)
     count = 0
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, RMSNorm):
             continue
-        if not isinstance(module, nn.LayerNorm):
+        if not is_layernorm(module):
             raise CheckpointError(f"metadata names {name} as a swapped norm, but the model has a {type(module).__name__}")
         cls = CenteredRMSNorm if name in recentered else RMSNorm
-        _replace_module(model, name, cls.from_layernorm(module))
+        _replace_module(model, name, cls.from_norm(module))
         count += 1
+    if recentered_writers:
+        install_recentering_(model, recentered_writers)
     return count

@@ -14,10 +14,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 import transformers
+from torch import nn
 
 from normswap.adapters import Adapter
 from normswap.errors import CheckpointError
+from normswap.structure import resolve
 
 #: Stand-in block index used to find how the blocks ModuleList is spelled on disk.
 _PROBE_INDEX = "987654321"
@@ -38,11 +41,16 @@ def loaded_prefix(model_cls: type, config: object) -> str:
 class NameMap:
     """Loaded-model names <-> file keys <-> the keys the in-memory path would save."""
 
-    def __init__(self, adapter: Adapter, prefix: str, keys: set[str]):
+    def __init__(self, adapter: Adapter, prefix: str, keys: set[str], base_prefix: str = ""):
         self.keys = keys
         self.prefix = prefix
-        #: Prefix the file actually uses: '' for a checkpoint saved from the bare base class.
-        self.file_prefix = prefix if not prefix or any(k.startswith(prefix) for k in keys) else ""
+        #: Prefix the file actually uses: '' for a checkpoint saved from the bare base class; the base model's
+        #: ``base_prefix`` (e.g. ``gpt_neox.``) for a head checkpoint read as the bare base class (a config without
+        #: ``architectures``), which transformers strips on load, as it adds a missing one (its prefix inference).
+        if prefix:
+            self.file_prefix = prefix if any(k.startswith(prefix) for k in keys) else ""
+        else:
+            self.file_prefix = base_prefix if base_prefix and any(k.startswith(base_prefix) for k in keys) else ""
         self.aliases = dict(adapter.disk_aliases)
         fragments = sorted(self.aliases, key=len, reverse=True)
         # A fragment matches whole dotted components only, and the substitution is one pass (no cascading).
@@ -53,9 +61,15 @@ class NameMap:
         return self._alias_re.sub(lambda m: self.aliases[m.group(1)], name) if self._alias_re else name
 
     def _split(self, loaded: str) -> tuple[bool, str]:
-        if self.prefix and loaded.startswith(self.prefix):
+        if not self.prefix:
+            return True, loaded
+        if loaded.startswith(self.prefix):
             return True, loaded[len(self.prefix):]
         return False, loaded
+
+    def outside_base(self, file_key: str) -> bool:
+        """A key the loaded (bare base) class ignores: it lies outside the base-model prefix the file uses."""
+        return not self.prefix and bool(self.file_prefix) and not file_key.startswith(self.file_prefix)
 
     def candidates(self, loaded: str) -> list[str]:
         """File keys ``loaded`` may be stored under: the aliased (saved) spelling first, then the loaded one."""
@@ -67,16 +81,25 @@ class NameMap:
         return next((k for k in self.candidates(loaded) if k in self.keys), None)
 
     def output_key(self, file_key: str) -> str:
-        """The key the in-memory path saves for ``file_key`` (adds the base prefix a bare-base file lacks)."""
-        return file_key if self.file_prefix == self.prefix else self.prefix + file_key
+        """The key the in-memory path saves for ``file_key`` (adds the base prefix a bare-base file lacks, strips the
+        one a head file has when the bare base class loads it)."""
+        if self.file_prefix == self.prefix:
+            return file_key
+        if not self.prefix:
+            return file_key.removeprefix(self.file_prefix)
+        return self.prefix + file_key
 
     def loaded_name(self, file_key: str) -> str:
         """Best-effort inverse for reporting (aliases are not undone)."""
         return self.output_key(file_key)
 
     def block_pattern(self, blocks: str) -> re.Pattern:
-        """Regex whose group 1 is the block index of a file key inside the blocks ModuleList."""
-        probe = self.candidates(f"{self.prefix}{blocks}.{_PROBE_INDEX}.x")[0]
+        """Regex whose group 1 is the block index of a file key inside the (base-relative) blocks ModuleList."""
+        return self.list_pattern(self.prefix + blocks)
+
+    def list_pattern(self, loaded: str) -> re.Pattern:
+        """Regex whose group 1 is the block index of a file key inside the ModuleList with full name ``loaded``."""
+        probe = self.candidates(f"{loaded}.{_PROBE_INDEX}.x")[0]
         head = probe.split(f".{_PROBE_INDEX}.")[0] if f".{_PROBE_INDEX}." in probe else probe.split(_PROBE_INDEX)[0]
         return re.compile(rf"^{re.escape(head)}\.(\d+)\.")
 
@@ -98,6 +121,12 @@ class StreamPlan:
     centered_writers: list[str] = field(default_factory=list)  # loaded module names, build_plan order
     #: file key -> maths layout of each tensor to centre ("bias" for a writer's bias)
     center: dict[str, str] = field(default_factory=dict)
+    #: file key of a centred tensor -> file key of the LayerScale folded into it before centring
+    scale_of: dict[str, str] = field(default_factory=dict)
+    #: file keys of folded LayerScales: written as ones (their keys stay, so the stock class still loads)
+    ones: list[str] = field(default_factory=list)
+    #: {loaded module name: "output"|"input"}: re-centred at run time, no weights change (metadata only)
+    recentered_writers: dict[str, str] = field(default_factory=dict)
     norms: list[PlannedNorm] = field(default_factory=list)
     norm_keys: list[str] = field(default_factory=list)
     skipped_optional: list[str] = field(default_factory=list)
@@ -107,21 +136,13 @@ class StreamPlan:
     #: The config ties the head, so the output config must say it no longer does.
     untie_config: bool = False
     kept_norms: list[str] = field(default_factory=list)
-    #: File keys the model class ignores on load (legacy attention-mask buffers): the in-memory path drops them.
+    #: File keys the model class ignores on load (legacy attention-mask buffers, keys outside the base model when
+    #: the bare base class loads a head checkpoint): the in-memory path drops them.
     dropped: list[str] = field(default_factory=list)
 
     @property
     def approximate_norms(self) -> list[str]:
         return [n.name for n in self.norms if not n.exact]
-
-
-def _num_layers(config: object) -> int | None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-        value = getattr(text, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def _ignored_on_load(model_cls: type, keys: set[str], protected: set[str]) -> list[str]:
@@ -137,78 +158,88 @@ def _ignored_on_load(model_cls: type, keys: set[str], protected: set[str]) -> li
     return sorted(k for k in keys if k not in protected and regex.search(k))
 
 
+def skeleton(model_cls: type, config: object) -> nn.Module:
+    """The model's module tree on the meta device (no memory, no weights): what the resolver reads names from."""
+    with torch.device("meta"):
+        if hasattr(model_cls, "_from_config"):
+            return model_cls._from_config(config)
+        return model_cls.from_config(config)  # an Auto class (config without ``architectures``)
+
+
+def _tensor_keys(model: nn.Module, names: NameMap, loaded: str, what: str, model_type: str) -> list[tuple[str, str]]:
+    """(file key, leaf name) of every parameter of module ``loaded`` in the skeleton; each must be in the file."""
+    module = model.get_submodule(loaded)
+    found = []
+    for leaf, _ in module.named_parameters(recurse=False):
+        key = names.find(f"{loaded}.{leaf}")
+        if key is None:
+            raise CheckpointError(
+                f"{model_type} checkpoint has no tensor for {what} {loaded}.{leaf} (looked for "
+                f"{', '.join(names.candidates(f'{loaded}.{leaf}'))}); the file is incomplete or not a stock save of "
+                "this architecture"
+            )
+        found.append((key, leaf))
+    return found
+
+
 def plan_streaming(config: object, model_cls: type, adapter: Adapter, keys) -> StreamPlan:
-    """Resolve every role of ``adapter`` against the file keys; raises if a required role is missing."""
+    """Resolve every role of ``adapter`` (by :func:`normswap.structure.resolve`, on a meta skeleton of the model,
+    exactly as the in-memory path resolves it on the live model), then map the names to file keys."""
     keys = set(keys)
-    names = NameMap(adapter, loaded_prefix(model_cls, config), keys)
-    prefix = names.prefix
-    block_re = names.block_pattern(adapter.blocks)
-    on_disk = {int(m.group(1)) for k in keys if (m := block_re.match(k))}
-    n_config = _num_layers(config)
-    if n_config is not None and on_disk and on_disk != set(range(n_config)):
-        raise CheckpointError(
-            f"the config says {n_config} layers, but the checkpoint holds blocks "
-            f"{min(on_disk)}..{max(on_disk)} ({len(on_disk)} of them); the files and config.json do not match"
-        )
-    num_layers = n_config if n_config is not None else len(on_disk)
-    plan = StreamPlan(adapter, names, num_layers, not_exact_reasons=adapter.post_ln_reasons(config))
+    model = skeleton(model_cls, config)
+    structure = resolve(model, adapter, config)
+    base = getattr(model, "base_model_prefix", "") or ""
+    names = NameMap(adapter, structure.prefix, keys, base + "." if base else "")
+    first_list = next(iter(structure.block_lists.values()), 0)
+    for loaded, count in structure.block_lists.items():
+        pattern = names.list_pattern(loaded)
+        on_disk = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+        if on_disk != set(range(count)):
+            held = f"blocks {min(on_disk)}..{max(on_disk)} ({len(on_disk)} of them)" if on_disk else "no blocks"
+            raise CheckpointError(
+                f"the config says {count} layers in {loaded}, but the checkpoint holds {held}; the files and "
+                "config.json do not match"
+            )
+    plan = StreamPlan(adapter, names, first_list, not_exact_reasons=list(structure.not_exact_reasons),
+                      skipped_optional=list(structure.skipped_optional))
 
-    def module_keys(name: str) -> list[tuple[str, str]]:
-        found = []
-        for suffix, kind in ((".weight", "weight"), (".bias", "bias")):
-            k = names.find(name + suffix)
-            if k is not None:
-                found.append((k, kind))
-        return found
-
-    def add_writer(root: str, w) -> None:
-        name = root + w.path
-        if w.unless_present and (module_keys(root + w.unless_present) or names.find(root + w.unless_present)):
-            return
-        if w.layout == "param":
-            key = names.find(name)
-            tensors = [(key, "param")] if key else []
-        else:
-            tensors = module_keys(name)
-        if not tensors:
-            if not w.optional:
+    for w in structure.writers:
+        if w.recenter is not None:
+            plan.recentered_writers[w.name] = w.recenter
+            plan.centered_writers.append(w.name)
+            continue
+        if w.is_parameter:
+            key = names.find(w.name)
+            if key is None:
                 raise CheckpointError(
-                    f"{adapter.model_type} checkpoint has no tensor for writer {name} (looked for "
-                    f"{', '.join(names.candidates(name + ('' if w.layout == 'param' else '.weight')))}); the file "
-                    "is incomplete or not a stock save of this architecture"
+                    f"{adapter.model_type} checkpoint has no tensor for writer {w.name} (looked for "
+                    f"{', '.join(names.candidates(w.name))}); the file is incomplete or not a stock save of this "
+                    "architecture"
                 )
-            plan.skipped_optional.append(name)
-            return
-        plan.centered_writers.append(name)
-        for key, kind in tensors:
-            plan.center[key] = "bias" if kind == "bias" else w.layout
+            tensors = [(key, "param")]
+        else:
+            tensors = _tensor_keys(model, names, w.name, "writer", adapter.model_type)
+        scale_key = None
+        if w.scale:
+            scale_key = names.find(w.scale)
+            if scale_key is None:
+                raise CheckpointError(f"{adapter.model_type} checkpoint has no tensor for the LayerScale {w.scale}")
+            plan.ones.append(scale_key)
+        plan.centered_writers.append(w.name)
+        for key, leaf in tensors:
+            plan.center[key] = "bias" if leaf == "bias" else w.layout
+            if scale_key is not None:
+                plan.scale_of[key] = scale_key
 
-    def add_norm(root: str, n) -> None:
-        name = root + n.path
-        tensors = module_keys(name)
-        if not tensors:
-            if not n.optional:
-                raise CheckpointError(f"{adapter.model_type} checkpoint has no weight or bias for norm {name}; the "
-                                      "file is incomplete or not a stock save of this architecture")
-            plan.skipped_optional.append(name)
-            return
-        plan.norms.append(PlannedNorm(name, n.exact and not plan.not_exact_reasons, n.writes_stream))
+    for n in structure.norms:
+        tensors = _tensor_keys(model, names, n.name, "norm", adapter.model_type)
+        plan.norms.append(PlannedNorm(n.name, n.exact, n.writes_stream))
         plan.norm_keys.extend(k for k, _ in tensors)
 
-    for w in adapter.embeddings:
-        add_writer(prefix, w)
-    for n in adapter.other_norms:
-        add_norm(prefix, n)
-    for i in range(num_layers):
-        root = f"{prefix}{adapter.blocks}.{i}."
-        for w in adapter.block_writers:
-            add_writer(root, w)
-        for n in adapter.block_norms:
-            add_norm(root, n)
-
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    tied = getattr(model_cls, "_tied_weights_keys", None)
+    tied = getattr(type(model), "_tied_weights_keys", None)
     if getattr(text, "tie_word_embeddings", False) and isinstance(tied, dict):
+        absent = []
         for target, source in tied.items():
             source_key = names.find(source)
             if source_key is None:
@@ -217,10 +248,17 @@ def plan_streaming(config: object, model_cls: type, adapter: Adapter, keys) -> S
             if names.find(target) is None:
                 # save_pretrained only re-applies legacy spellings it met on load, so a head that was not in the
                 # file is saved under its loaded name (GPT-NeoX: lm_head.weight, not embed_out.weight).
-                plan.tied_head = (target, source_key)
+                absent.append((target, source_key))
+        if len(absent) > 1:
+            raise CheckpointError(
+                f"this {adapter.model_type} checkpoint stores one tensor for {len(absent)} tied ones "
+                f"({', '.join(t for t, _ in absent)}); streaming unties one head only: convert it in memory"
+            )
+        plan.tied_head = absent[0] if absent else None
 
-    protected = set(plan.center) | set(plan.norm_keys)
-    plan.dropped = _ignored_on_load(model_cls, keys, protected)
+    protected = set(plan.center) | set(plan.norm_keys) | set(plan.ones)
+    outside = {k for k in keys if names.outside_base(k)}
+    plan.dropped = sorted(set(_ignored_on_load(type(model), keys, protected)) | outside)
     if adapter.kept_norms:
         for k in sorted(keys):
             module, _, leaf = k.rpartition(".")

@@ -23,8 +23,9 @@ from transformers import TrainerCallback
 
 from normswap import maths
 from normswap.adapters import get_adapter
-from normswap.errors import NormswapError
-from normswap.surgery import _lookup, _prefix, _tied_head
+from normswap.errors import CheckpointError, NormswapError
+from normswap.structure import resolve
+from normswap.surgery import _tied_head
 
 #: Re-centre only when a writer's |mean|/rms exceeds this, so repeated forwards never touch weights in place that a
 #: pending backward pass still needs.
@@ -39,34 +40,33 @@ class CenteredTensor:
 
 
 def residual_writers(model: nn.Module) -> list[CenteredTensor]:
-    """Every writer tensor (weights and biases) the model's adapter names, with the axis that indexes hidden."""
+    """Every writer tensor (weights and biases) the model's adapter names, with the axis that indexes hidden.
+
+    Resolved by :func:`normswap.structure.resolve`, like the conversion itself. Writers re-centred at run time
+    have no weights to constrain and are left out.
+    """
     adapter = get_adapter(model.config.model_type)
-    base, prefix = _prefix(model)
-    blocks = _lookup(base, adapter.blocks)
+    try:
+        structure = resolve(model, adapter)
+    except CheckpointError as exc:
+        raise NormswapError(str(exc)) from None
     found: list[CenteredTensor] = []
-
-    def add(root: nn.Module, root_prefix: str, writer) -> None:
-        if writer.unless_present and _lookup(root, writer.unless_present) is not None:
-            return
-        target = _lookup(root, writer.path)
-        if target is None:
-            if writer.optional:
-                return
-            raise NormswapError(f"{adapter.model_type} adapter: writer {root_prefix}{writer.path} not found")
-        name = root_prefix + writer.path
-        if isinstance(target, nn.Parameter):
-            found.append(CenteredTensor(name, target, maths.HIDDEN_AXIS[writer.layout]))
-            return
-        found.append(CenteredTensor(f"{name}.weight", target.weight, maths.HIDDEN_AXIS[writer.layout]))
+    for w in structure.centred_writers:
+        axis = maths.HIDDEN_AXIS[w.layout]
+        if w.is_parameter:
+            found.append(CenteredTensor(w.name, model.get_parameter(w.name), axis))
+            continue
+        target = model.get_submodule(w.name)
+        found.append(CenteredTensor(f"{w.name}.weight", target.weight, axis))
         if getattr(target, "bias", None) is not None:
-            found.append(CenteredTensor(f"{name}.bias", target.bias, -1))
-
-    for w in adapter.embeddings:
-        add(base, prefix, w)
-    for i, block in enumerate(blocks or []):
-        for w in adapter.block_writers:
-            add(block, f"{prefix}{adapter.blocks}.{i}.", w)
+            found.append(CenteredTensor(f"{w.name}.bias", target.bias, -1))
     return found
+
+
+def folded_scales(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The LayerScale parameters the conversion folded into writers: they must stay ones while training."""
+    structure = resolve(model, get_adapter(model.config.model_type))
+    return [(name, model.get_parameter(name)) for name in structure.scales]
 
 
 def _ratio(p: torch.Tensor, axis: int) -> float:
@@ -85,9 +85,12 @@ def _threshold(p: torch.Tensor) -> float:
 class CenteredWriters:
     """Handle returned by :func:`keep_centered_`: re-centre on demand, measure, or remove the constraint."""
 
-    def __init__(self, model: nn.Module, tensors: list[CenteredTensor]):
+    def __init__(self, model: nn.Module, tensors: list[CenteredTensor],
+                 scales: list[tuple[str, nn.Parameter]] | None = None):
         self.model = model
         self.tensors = tensors
+        #: LayerScales folded into their writers: held at ones (an update would undo the centring of the fold).
+        self.scales = scales or []
         self._handles: list = []
 
     @torch.no_grad()
@@ -97,6 +100,10 @@ class CenteredWriters:
         for t in self.tensors:
             if force or _ratio(t.param, t.axis) > _threshold(t.param):
                 t.param.copy_(maths.center(t.param, t.axis).to(t.param.dtype))
+                moved += 1
+        for _, scale in self.scales:
+            if force or bool((scale != 1).any()):
+                scale.fill_(1.0)
                 moved += 1
         return moved
 
@@ -123,10 +130,13 @@ def keep_centered_(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     tensors = residual_writers(model)
     if not tensors:
         raise NormswapError(f"no residual writers found for model_type {model.config.model_type!r}")
-    handle = CenteredWriters(model, tensors)
+    handle = CenteredWriters(model, tensors, folded_scales(model))
     for t in tensors:
         if t.param.requires_grad:
             handle._handles.append(t.param.register_hook(lambda g, axis=t.axis: g - g.mean(dim=axis, keepdim=True)))
+    for _, scale in handle.scales:
+        if scale.requires_grad:
+            handle._handles.append(scale.register_hook(torch.zeros_like))
 
     def recenter_hook(*_args) -> None:  # hooks must return None (a forward pre-hook's return replaces the inputs)
         handle.recenter_()
