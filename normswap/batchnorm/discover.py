@@ -116,6 +116,7 @@ class _Record:
     node: object = None
     out_node: object = None  # BatchNorm: grad_fn of its output
     readers: list[str] = field(default_factory=list)  # BatchNorm: modules that received its output
+    outputs: list[tuple[object, torch.Tensor, int]] = field(default_factory=list)  # producer: (node, output, version)
 
 
 def _kind(node) -> str:
@@ -140,8 +141,8 @@ def discover(model: nn.Module, probes: dict) -> Discovery:
     def after_producer(module, _inp, out, name=None):
         rec = records[name]
         rec.calls += 1
-        if isinstance(out, torch.Tensor):
-            rec.tensor, rec.version, rec.node = out, out._version, out.grad_fn
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            rec.outputs.append((out.grad_fn, out, out._version))
 
     def before_bn(module, inp, name=None):
         rec = records[name]
@@ -204,7 +205,7 @@ def _weight_owners(model: nn.Module) -> Counter:
 def _decide(model, bns, producers, records, degree) -> Discovery:
     found = Discovery()
     owners = _weight_owners(model)
-    nodes = {rec.node: name for name, rec in records.items() if name in producers and rec.node is not None}
+    nodes = {node: (name, out, version) for name in producers for node, out, version in records[name].outputs}
     claimed: dict[str, str] = {}
     for name, bn in bns.items():
         rec = records[name]
@@ -252,12 +253,11 @@ def _trace(rec: _Record, records, nodes, degree, producers) -> tuple[str | None,
         if node is None:
             break
         if node in nodes:
-            producer = nodes[node]
-            out = records[producer].tensor
+            producer, out, version = nodes[node]
             if degree[node] != 1:
                 return None, (f"the output of {producer} is also read by {degree[node] - 1} other operation(s) "
                               "(e.g. a residual branch), which folding would change")
-            if out._version != records[producer].version:
+            if out._version != version:
                 return None, f"the output of {producer} is modified in place"
             channel_dim = out.dim() - 1 if isinstance(producers[producer], nn.Linear) else 1
             if _same_channels(out, channel_dim, x):
