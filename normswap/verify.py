@@ -104,7 +104,14 @@ class NormInputStats:
 
 @dataclass
 class VerificationResult:
-    """Figures that tell whether the converted model computes what the conversion claims."""
+    """Figures that tell whether the converted model computes what the conversion claims.
+
+    With ``reference == "float64"`` (every conversion since issue 12) the reference is the original model run in
+    float64, and ``original_error``/``converted_error`` are the relative max |Δoutput| of the original and of the
+    converted model, both at the saved dtype ``dtype``, against it; ``tolerance`` is the bound the converted error
+    was held to. ``max_abs_diff``/``rel_max_abs_diff`` keep their old meaning (converted against the original at
+    the same dtype), KL/top-1/cosine compare the converted model with the float64 original.
+    """
 
     max_abs_diff: float
     max_abs_reference: float
@@ -120,17 +127,36 @@ class VerificationResult:
     passed: bool = True
     #: Mean over tokens of the hidden-state cosine (encoders): the typical damage, where ``cosine_min`` is the worst.
     cosine_mean: float | None = None
+    #: What the figures are measured against: "float64" (the original in float64) or "original" (same dtype, legacy).
+    reference: str = "original"
+    #: The dtype both models were run at for the figures: the dtype the model is saved in.
+    dtype: str | None = None
+    original_error: float | None = None
+    converted_error: float | None = None
+    #: converted_error / original_error (< 1: the converted model is closer to the float64 original).
+    ratio: float | None = None
+    #: The absolute floor of the bound (a few ulps of the output at ``dtype``) and the bound applied.
+    floor: float | None = None
+    mode: str = "exact"
+    #: Per block: label, module name, both streams' errors against float64 after centring, passed, problems.
+    blocks: list[dict] = field(default_factory=list)
+    blocks_checked: int = 0
+    #: The first thing that failed, named by block and module ("block 3: mlp.dense_4h_to_h output not centred").
+    first_failure: str | None = None
+    uncentered_writers: list[str] = field(default_factory=list)
+    #: What was run: "whole model, module by module" or a streamed/partial description.
+    scope: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["norm_inputs"] = {k: asdict(v) for k, v in self.norm_inputs.items()}
         return d
 
-    def summary(self) -> str:
-        parts = [
-            f"max|Δ{self.output_kind}| = {self.max_abs_diff:.3e} (relative {self.rel_max_abs_diff:.3e}, "
-            f"tolerance {self.tolerance:.0e})"
-        ]
+    def _worst_exact_mean(self) -> float:
+        return max((s.max_mean_over_rms for s in self.norm_inputs.values() if s.exact), default=0.0)
+
+    def _distribution_parts(self) -> list[str]:
+        parts = []
         if self.kl is not None:
             parts.append(f"KL = {self.kl:.3e}")
         if self.top1_agreement is not None:
@@ -139,9 +165,50 @@ class VerificationResult:
             parts.append(f"min cosine = {self.cosine_min:.6f}")
         if self.cosine_mean is not None:
             parts.append(f"mean cosine = {self.cosine_mean:.6f}")
-        worst = max((s.max_mean_over_rms for s in self.norm_inputs.values() if s.exact), default=0.0)
-        parts.append(f"max |mean|/rms at exact norm inputs = {worst:.1e}")
+        return parts
+
+    def summary(self) -> str:
+        if self.reference == "float64":
+            return self._truth_summary()
+        parts = [
+            f"max|Δ{self.output_kind}| = {self.max_abs_diff:.3e} (relative {self.rel_max_abs_diff:.3e}, "
+            f"tolerance {self.tolerance:.0e})"
+        ]
+        parts += self._distribution_parts()
+        parts.append(f"max |mean|/rms at exact norm inputs = {self._worst_exact_mean():.1e}")
         return ", ".join(parts)
+
+    def _truth_summary(self) -> str:
+        dt = self.dtype or "the saved dtype"
+        if self.mode == "approximate":
+            head = (f"approximate: damage {self.converted_error:.1e} (relative max |Δ{self.output_kind}|) from the "
+                    f"float64 original; the original in {dt}: {self.original_error:.1e}")
+            parts = [head, *self._distribution_parts()]
+            approx = sorted(((n, s.max_mean_over_rms) for n, s in self.norm_inputs.items() if not s.exact),
+                            key=lambda x: -x[1])
+            if approx:
+                shown = ", ".join(f"{n} {r:.1e}" for n, r in approx[:4])
+                more = f" and {len(approx) - 4} more" if len(approx) > 4 else ""
+                parts.append(f"input |mean|/rms of the approximate norms: {shown}{more}")
+            exact = [s for s in self.norm_inputs.values() if s.exact]
+            if exact:
+                ok = "PASSED" if not self.uncentered_exact_norms else "FAILED"
+                parts.append(f"zero-mean check of the {len(exact)} exact norm inputs {ok} "
+                             f"(max |mean|/rms {self._worst_exact_mean():.1e})")
+            return "; ".join(parts)
+        ratio = f"{self.ratio:.2g}×" if self.ratio is not None else "n/a"
+        parts = [
+            f"converted: {self.converted_error:.1e} from the float64 original; the original in {dt}: "
+            f"{self.original_error:.1e} (converted/original {ratio}, bound {self.tolerance:.1e})",
+            *self._distribution_parts(),
+            f"max |mean|/rms at exact norm inputs = {self._worst_exact_mean():.1e}",
+        ]
+        if self.blocks_checked:
+            parts.append(f"{self.blocks_checked} blocks checked")
+        text = ", ".join(parts)
+        if self.first_failure:
+            text += f"; first failure: {self.first_failure}"
+        return text
 
 
 @torch.no_grad()
