@@ -138,10 +138,16 @@ def trace(model: nn.Module, probes: dict, names: set[str] | None = None, keep_ar
 
 
 def ones_shift(t: torch.Tensor, axis: int, gen: torch.Generator) -> torch.Tensor:
-    """A random multiple of the ones vector along ``axis`` for every other index (broadcastable to ``t``)."""
+    """A random multiple of the ones vector along ``axis`` for every other index (broadcastable to ``t``).
+
+    Scaled to the tensor's own rms, so that a norm computing in float32 sees a shift it can represent: a shift far
+    larger than the signal would drown the signal in float32 rounding and look like a visible change.
+    """
     shape = list(t.shape)
     shape[axis] = 1
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(t.dtype)
+    rms = t.detach().to(torch.float64).pow(2).mean(dim=axis, keepdim=True).sqrt()
+    rms = torch.where(rms > 0, rms, torch.ones_like(rms))
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * rms).to(t.dtype)
 
 
 @contextlib.contextmanager

@@ -137,6 +137,7 @@ class _Engine:
         fixes, feeds, tr, ratios = self._iterate(fixes, feeds, effects, ln)
         t = self._tick("centring", t)
 
+        fixes, tr, ratios = self._prune_nonlinear(fixes, tr, ratios, ln)
         findings, raw = self._classify(ln, ratios, tr, effects, fixes)
         swapped = {f.name for f in findings if f.status != "kept"}
         kept_fixes = [f for f in fixes if f.layout in ("recenter", "recenter_input", "writes_stream")
@@ -197,17 +198,14 @@ class _Engine:
                 continue
             if affine_layout(self.modules[e.name]) is not None:
                 continue
-            pair = find_layer_scale(self.model, self.ref, e.name)
-            if pair is None:
-                continue
-            self.scaled.add(e.name)
-            if pair[0] in fixed:
-                feeds[pair[0]] |= e.feeds
-                continue
-            layout = affine_layout(self.modules[pair[0]])
-            fixes.append(Fix(pair[0], layout, scale=pair[1]))  # type: ignore[arg-type]
-            fixed.add(pair[0])
-            feeds[pair[0]] = set(e.feeds)
+            for writer, scale in find_layer_scale(self.model, self.ref, e.name):
+                self.scaled.add(e.name)
+                if writer in fixed:
+                    feeds[writer] |= e.feeds
+                    continue
+                fixes.append(Fix(writer, affine_layout(self.modules[writer]), scale=scale))  # type: ignore[arg-type]
+                fixed.add(writer)
+                feeds[writer] = set(e.feeds)
         return fixes, feeds
 
     def _iterate(self, fixes: list[Fix], feeds: dict[str, set], effects: dict[str, Effect], ln: list[str]):
@@ -223,14 +221,30 @@ class _Engine:
             feeds[fix.name] = set(self._effect_of(fix).feeds)
         return fixes, feeds, tr, ratios
 
+    def _prune_nonlinear(self, fixes: list[Fix], tr: Trace, ratios: dict[str, float], ln: list[str]):
+        """Drop re-centrings made redundant by a later one (wav2vec2: the sum after the positional conv suffices)."""
+        nonlinear = [f for f in fixes if f.layout in ("recenter", "recenter_input")]
+        exact = {n for n in ln if ratios[n] <= RATIO}
+        for f in reversed(nonlinear[:-1]):
+            trial = [g for g in fixes if g != f]
+            _, tr2 = measure_fixes(self.model, self.probes, trial)
+            r2 = norm_ratios(tr2, ln)
+            if all(r2[n] <= RATIO for n in exact):
+                fixes, tr, ratios = trial, tr2, r2
+        return fixes, tr, ratios
+
     def _next_fix(self, failing: list[str], tr: Trace, effects: dict[str, Effect], fixed: set[str],
                   ln: set[str]) -> Fix | None:
         for n in failing:
             if any(n in e.feeds and not e.invisible for e in effects.values()):
                 continue  # a writer of this stream is visible: no re-centring can make it exact
+            # A producer re-centred at run time must write a real stream (read by several norms), and must not hold
+            # norms itself (re-centring a whole block would hide what is inside it).
             feeders = [e.name for e in effects.values()
-                       if n in e.feeds and e.invisible and e.kind == "module" and e.name not in fixed
-                       and e.name not in self.scaled and affine_layout(self.modules[e.name]) is None
+                       if n in e.feeds and len(e.feeds) >= 2 and e.invisible and e.kind == "module"
+                       and e.name not in fixed and e.name not in self.scaled
+                       and affine_layout(self.modules[e.name]) is None
+                       and not any(m.startswith(e.name + ".") for m in ln)
                        and _output_ratio(tr, self.modules[e.name], e.name) > RATIO]
             if feeders:
                 pick = min(_innermost(feeders), key=lambda m: _start(tr, m))
@@ -253,8 +267,8 @@ class _Engine:
             if anc in fixed or not acalls or acalls[0].inp is None or not same(acalls[0].inp, x):
                 continue
             effect = measure(self.model, self.probes, self.ref, [anc], "input", sorted(ln), self.seed + 5000)[anc]
-            if not effect.invisible:
-                return None
+            if not effect.invisible or len(effect.feeds | {norm}) < 2:
+                return None  # visible, or a stream of one norm (re-centring a norm's own input proves nothing)
             effect.feeds.add(norm)
             self.effects["input:" + anc] = effect
             return Fix(anc, "recenter_input")
@@ -278,24 +292,20 @@ class _Engine:
             if visible:
                 e = visible[0]
                 if e.name not in diagnosed:
-                    diagnosed[e.name] = (raw_readers(self.model, self.probes, self.ref, e, set(ln)), e.visible)
+                    diagnosed[e.name] = (raw_readers(self.model, self.probes, self.ref, e), e.visible)
                 readers, outputs = diagnosed[e.name]
-                outside = [r for r in readers if split_block(r, lists) is None]
-                if post_of is not None and not outside and not (set(outputs) - {"last_hidden_state"}) \
-                        and e.name in ln:
+                first = readers[0] if readers else None
+                if post_of is not None and e.name in ln and first is not None and split_block(first, lists) is not None:
                     findings.append(NormFinding(n, "approximate", f"reads the output of {post_of} plus sublayer "
                                                 "outputs (post-LN): not zero-mean", ratios[n]))
                     continue
-                who = outside or readers
-                if who:
-                    reason = (f"its stream is read without a norm by {who[0]}"
-                              f"{' (and ' + str(len(who) - 1) + ' more)' if len(who) > 1 else ''}, so the mean "
-                              f"of {e.name} is visible there")
-                    for r in who:
-                        raw.setdefault(r, f"reads the stream of {n} without a norm")
+                if first is not None:
+                    reason = (f"the mean of its stream (written by {e.name}) is visible to {first}, which reads the "
+                              "stream without a per-token norm")
+                    raw.setdefault(first, f"reads the stream of {n} without a norm")
                 else:
-                    reason = (f"its stream reaches the model output {outputs[0] if outputs else '?'} without a norm, "
-                              f"so the mean of {e.name} is visible there")
+                    reason = (f"the mean of its stream (written by {e.name}) reaches the model output "
+                              f"{outputs[0] if outputs else '?'} without a norm")
                 findings.append(NormFinding(n, "kept", reason, ratios[n]))
             elif post_of is not None:
                 findings.append(NormFinding(n, "approximate", f"reads the output of {post_of} plus sublayer outputs "

@@ -16,8 +16,9 @@ from torch import nn
 
 from normswap.discovery.capture import Call, Trace, first_tensor, same
 
-#: Relative tolerance of the shift test: float64 LayerNorm ignores a shift up to rounding (~1e-15).
-SHIFT_TOL = 1e-9
+#: Relative tolerance of the shift test. A float64 LayerNorm ignores a shift up to rounding (~1e-15), but some
+#: classes compute in float32 whatever their input (CohereLayerNorm, OlmoLayerNorm: ~1e-7); an RMSNorm moves by O(1).
+SHIFT_TOL = 1e-5
 #: Relative tolerance of the scale test: eps makes it approximate; inputs are first brought to rms 10.
 SCALE_TOL = 1e-4
 

@@ -26,16 +26,15 @@ class Fix:
     scale: str | None = None
 
 
-def _untie(model: nn.Module, params: list[nn.Parameter]) -> None:
-    """Give every module other than the writer its own copy of a shared writer parameter (the LM head)."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+def _untie(model: nn.Module, params: list[nn.Parameter], writers: set[int]) -> None:
+    """Give every module that is not a writer its own copy of a shared writer parameter (the tied LM head)."""
+    wanted = {id(p) for p in params}
     for module in model.modules():
-        for pname, p in module._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((module, pname))
-    for p in params:
-        for module, pname in owners.get(id(p), [])[1:]:
-            setattr(module, pname, nn.Parameter(p.detach().clone()))
+        if id(module) in writers:
+            continue
+        for pname, p in list(module._parameters.items()):
+            if p is not None and id(p) in wanted:
+                setattr(module, pname, nn.Parameter(p.detach().clone()))
 
 
 @torch.no_grad()
@@ -69,13 +68,14 @@ def centred_copy(model: nn.Module, fixes: list[Fix]) -> nn.Module:
     sim = copy.deepcopy(model)
     modules = dict(sim.named_modules())
     params = dict(sim.named_parameters())
-    shared = []
+    shared, writer_ids = [], set()
     for f in fixes:
         if f.name in params:
             shared.append(params[f.name])
         elif f.layout not in ("recenter", "recenter_input", "writes_stream"):
             shared.extend(p for p in modules[f.name].parameters(recurse=False))
-    _untie(sim, shared)
+            writer_ids.add(id(modules[f.name]))
+    _untie(sim, shared, writer_ids)
     modules = dict(sim.named_modules())
     params = dict(sim.named_parameters())
     for f in fixes:

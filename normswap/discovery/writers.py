@@ -27,8 +27,9 @@ from normswap.discovery.capture import (
     trace,
 )
 
-#: Output tolerance (relative, float64) below which a perturbation "did not move" an output.
-OUTPUT_TOL = 1e-8
+#: Output tolerance (relative) below which a perturbation "did not move" an output: float64 rounding is ~1e-15, norms
+#: that compute in float32 internally (Cohere, OLMo) leave ~1e-7, a visible writer moves outputs by ~1e-2 or more.
+OUTPUT_TOL = 1e-6
 
 
 def affine_layout(module: nn.Module) -> str | None:
@@ -115,13 +116,16 @@ def param_candidates(model: nn.Module, ref: Trace, hidden: set[int], norm_names:
 
     Parameters of called affine leaves are tested through the leaf's output; parameters of norms never write.
     """
+    called_affine = {id(p) for mname, module in model.named_modules()
+                     if affine_layout(module) is not None and mname in ref.calls
+                     for p in module.parameters(recurse=False)}
     out = []
     for mname, module in model.named_modules():
         if mname in norm_names:
             continue
-        if affine_layout(module) is not None and mname in ref.calls:
-            continue
         for pname, p in module.named_parameters(recurse=False):
+            if id(p) in called_affine:  # tested through the module's output (also when tied to an uncalled table)
+                continue
             if p.is_floating_point() and p.dim() >= 1 and p.shape[-1] in hidden and p.numel() > 1:
                 out.append(f"{mname}.{pname}" if mname else pname)
     return out
@@ -148,16 +152,23 @@ def measure(model: nn.Module, probes: dict, ref: Trace, names: list[str], kind: 
     return effects
 
 
-def find_layer_scale(model: nn.Module, ref: Trace, name: str) -> tuple[str, str] | None:
-    """(affine leaf, scale parameter) when module ``name``'s output is ``s ⊙ A(x)`` for an affine leaf A.
+def find_layer_scale(model: nn.Module, ref: Trace, name: str) -> list[tuple[str, str]]:
+    """(affine leaf, scale parameter) for each call of module ``name`` whose output is ``s ⊙ A(x)``.
 
-    LayerScale (DINOv2 ``layer_scale1.lambda1``; BEiT ``lambda_1`` applied inline before ``drop_path``) multiplies
-    a writer's output elementwise by a learned vector; folding the vector into the writer makes it centrable.
+    LayerScale (DINOv2 ``layer_scale1.lambda1``; BEiT ``lambda_1``/``lambda_2`` applied inline before one
+    ``drop_path`` module called twice) multiplies a writer's output elementwise by a learned vector; folding the
+    vector into the writer makes it centrable.
     """
-    calls = ref.calls.get(name)
-    if not calls or calls[0].out is None:
-        return None
-    y = calls[0].out
+    found = []
+    for call in ref.calls.get(name, []):
+        if call.out is not None:
+            pair = _layer_scale_of(model, ref, name, call.out)
+            if pair is not None and pair not in found:
+                found.append(pair)
+    return found
+
+
+def _layer_scale_of(model: nn.Module, ref: Trace, name: str, y: torch.Tensor) -> tuple[str, str] | None:
     modules = dict(model.named_modules())
     by_value = [(pn, p.detach().reshape(-1)) for pn, p in model.named_parameters() if p.numel() == y.shape[-1]]
     for aname, acalls in ref.calls.items():
@@ -183,15 +194,15 @@ def find_layer_scale(model: nn.Module, ref: Trace, name: str) -> tuple[str, str]
     return None
 
 
-def raw_readers(model: nn.Module, probes: dict, ref: Trace, effect: Effect, norm_names: set[str],
-                seed: int = 7) -> list[str]:
-    """Leaf modules that read the stream ``effect``'s candidate writes without a norm in between.
+def raw_readers(model: nn.Module, probes: dict, ref: Trace, effect: Effect, seed: int = 7) -> list[str]:
+    """Leaf modules that see the mean of ``effect``'s candidate, earliest first: the readers that block it.
 
-    Found by perturbing the candidate again with every leaf traced: a reader's input moved along the ones vector and
-    its output moved in some other direction (a pass-through such as dropout only moves along ones).
+    Found by perturbing the candidate again with every leaf traced: a reader's input moved and its output moved in
+    a direction other than the ones vector (a pass-through such as dropout only moves along ones; a per-token norm
+    does not move at all; a norm over several concatenated tokens, as in Swin's patch merging, does).
     """
     modules = dict(model.named_modules())
-    leaves = {n for n, m in modules.items() if n and not any(True for _ in m.children()) and n not in norm_names}
+    leaves = {n for n, m in modules.items() if n and not any(True for _ in m.children())}
     if effect.kind == "module":
         ctx = shift_output(modules[effect.name], hidden_axis(modules[effect.name]), seed)
     elif effect.kind == "param":
@@ -205,7 +216,7 @@ def raw_readers(model: nn.Module, probes: dict, ref: Trace, effect: Effect, norm
         for a, b in zip(ref.calls.get(n, []), new.calls.get(n, []), strict=False):
             if a.inp is None or b.inp is None or a.out is None or b.out is None or a.inp.shape != b.inp.shape:
                 continue
-            if along_ones(b.inp - a.inp, -1, 1e-7) and b.out.shape == a.out.shape and not same(a.out, b.out) \
+            if not same(a.inp, b.inp) and b.out.shape == a.out.shape and not same(a.out, b.out, OUTPUT_TOL) \
                     and not along_ones(b.out - a.out, -1, 1e-7):
                 readers.append(n)
                 break
