@@ -117,6 +117,7 @@ def build_report(plan: StreamPlan) -> ConversionReport:
         centered_writers=list(plan.centered_writers),
         swapped_norms=[n.name for n in plan.norms],
         recentered_norms=[n.name for n in plan.norms if n.writes_stream],
+        recentered_writers=dict(plan.recentered_writers),
         approximate_norms=plan.approximate_norms,
         kept_norms=list(plan.kept_norms),
         unaccounted_norms=[],
