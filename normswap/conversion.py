@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from normswap._version import __version__
-from normswap.adapters import get_adapter
+from normswap.adapters.registry import adapter_for, declared_adapter, discovery_note
 from normswap.approximate import fold_bias_means_
 from normswap.errors import NotExactError
 from normswap.folding import FoldResult, fold_
@@ -112,9 +112,14 @@ class ConversionReport:
 
 
 def plan_conversion(model: nn.Module, approximate: bool = False) -> Plan:
-    """What ``convert_`` would do to ``model`` (no changes made); raises for unsupported or already-RMS models."""
-    ensure_has_layernorm(model)
-    adapter = get_adapter(model.config.model_type)
+    """What ``convert_`` would do to ``model`` (no changes made); raises for unsupported or already-RMS models.
+
+    A declared adapter wins; any other model type is discovered from its config (a small instance, measured), and
+    discovery, not the class names, decides whether there is a LayerNorm at all (CohereLayerNorm, OlmoLayerNorm).
+    """
+    if declared_adapter(model.config.model_type) is not None:
+        ensure_has_layernorm(model)
+    adapter = adapter_for(model)
     return build_plan(model, adapter, approximate=approximate)
 
 
@@ -172,7 +177,7 @@ def convert_(
         fold_result = fold_(model, plan.norms, probes, gain=fold_gain, bias=fold_bias)
     swap_norms_(model, plan.norms)
 
-    notes = []
+    notes = [discovery_note(plan.adapter)] if plan.adapter.origin == "discovered" else []
     if plan.unaccounted:
         notes.append("LayerNorms outside the adapter stay LayerNorm (they still remove the mean themselves)")
     if approximate and plan.approximate_norms:

@@ -1,11 +1,24 @@
-"""One registry of adapters keyed by ``model_type``; lookup errors tell the user how to add one."""
+"""One registry of adapters keyed by ``model_type``: declared adapters win, every other type is discovered.
+
+Declared adapters (``normswap/adapters/architectures.py``) are the reviewed pins. For a model type without one,
+:func:`adapter_for` measures the structure on a small instance built from the config
+(:mod:`normswap.discovery`) and returns the same data type with ``origin="discovered"``.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from normswap.adapters.spec import Adapter
-from normswap.errors import UnsupportedArchitectureError
+from normswap.errors import AlreadyRMSNormError, UnsupportedArchitectureError
 
 _REGISTRY: dict[str, Adapter] = {}
+
+_HOW_TO_ADD = (
+    "To pin one, describe where the architecture's residual writers and norms are in a few lines in "
+    "normswap/adapters/architectures.py (`normswap inspect --discover MODEL` prints a draft), call register(), and "
+    "add a row to EXACT_ROWS in tests/tiny_models.py; `normswap inspect` then shows what it would convert."
+)
 
 
 def register(adapter: Adapter) -> Adapter:
@@ -17,6 +30,7 @@ def register(adapter: Adapter) -> Adapter:
 
 
 def supported_model_types() -> list[str]:
+    """The model types with a declared (reviewed) adapter; others may still be discovered."""
     return sorted(_REGISTRY)
 
 
@@ -25,13 +39,66 @@ def all_adapters() -> dict[str, Adapter]:
 
 
 def get_adapter(model_type: str) -> Adapter:
-    """The adapter for ``model_type``, or an error naming it, the supported list, and how to add one."""
+    """The *declared* adapter for ``model_type``, or an error naming it, the declared list, and how to add one."""
     try:
         return _REGISTRY[model_type]
     except KeyError:
         raise UnsupportedArchitectureError(
-            f"normswap has no adapter for model_type {model_type!r}. Supported: {', '.join(supported_model_types())}. "
-            "To add one, describe where the architecture's residual writers and norms are in a few lines in "
-            "normswap/adapters/architectures.py (see the gpt2 entry), call register(), and add a row to "
-            "tests/test_exact_conversion.py; `normswap inspect` then shows what it would convert."
+            f"normswap has no declared adapter for model_type {model_type!r}. Declared: "
+            f"{', '.join(supported_model_types())}. `normswap convert` discovers one from the model itself. "
+            + _HOW_TO_ADD
         ) from None
+
+
+def declared_adapter(model_type: str) -> Adapter | None:
+    return _REGISTRY.get(model_type)
+
+
+def discovered_adapter(config: Any, model_cls: type | None = None) -> Adapter:
+    """The adapter discovery measures for ``model_cls`` built from ``config``; raises when there is nothing to swap.
+
+    No LayerNorm-like module at all (measured, whatever the classes are called) is AlreadyRMSNormError; LayerNorms
+    that exist but none of which can be swapped is UnsupportedArchitectureError naming each one and why.
+    """
+    from normswap.discovery import DiscoveryError, discover_from_config
+
+    model_type = getattr(config, "model_type", "?")
+    try:
+        found = discover_from_config(config, model_cls)
+    except DiscoveryError as exc:
+        raise UnsupportedArchitectureError(
+            f"normswap has no declared adapter for model_type {model_type!r} and could not discover one: {exc}. "
+            + _HOW_TO_ADD
+        ) from exc
+    if found.adapter is None:
+        if found.rms_norms:
+            raise AlreadyRMSNormError(
+                f"this {model_type} model already uses RMSNorm (measured: {len(found.rms_norms)} scale-only norm(s), "
+                f"e.g. {found.rms_norms[0]}, and no mean-subtracting one); there is nothing to convert")
+        raise AlreadyRMSNormError(f"this {model_type} model has no LayerNorm-like module (measured on a small "
+                                  "instance: nothing subtracts a mean); there is nothing to convert")
+    if not found.swapped:
+        reasons = "; ".join(f"{name}: {why}" for name, why in list(found.kept.items())[:3])
+        more = f" (and {len(found.kept) - 3} more)" if len(found.kept) > 3 else ""
+        raise UnsupportedArchitectureError(
+            f"this {model_type} model has {len(found.kept)} LayerNorm(s), but discovery found none that can be "
+            f"swapped: {reasons}{more}")
+    return found.adapter
+
+
+def adapter_for_config(config: Any, model_cls: type | None = None) -> Adapter:
+    """The declared adapter for ``config.model_type``, else one discovered from the config alone."""
+    declared = _REGISTRY.get(getattr(config, "model_type", None) or "")
+    return declared if declared is not None else discovered_adapter(config, model_cls)
+
+
+def adapter_for(model: Any) -> Adapter:
+    """The adapter for a live (or meta-device) model: declared when there is one, else discovered."""
+    return adapter_for_config(model.config, type(model))
+
+
+def discovery_note(adapter: Adapter) -> str:
+    """The one line a conversion prints when it used a discovered adapter."""
+    swapped = len(adapter.block_norms) + len(adapter.other_norms) + sum(len(s.block_norms) for s in adapter.stacks)
+    return (f"no declared adapter for {adapter.model_type}: discovered its structure by measurement "
+            f"({swapped} norm role(s), {len(adapter.kept_norms)} kept); `normswap inspect --discover` prints it")
