@@ -11,6 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", nargs="?", default=None, help="hub id or local folder (default: embedded shakespeare-gpt2)")
     p.add_argument("--revision", default=None)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--discover", action="store_true",
+                   help="measure the structure on a small instance (even when an adapter is declared) and print it as "
+                   "the register(Adapter(...)) entry to paste into normswap/adapters/architectures.py")
     p.set_defaults(func=run)
 
 
@@ -18,6 +21,7 @@ def describe(plan) -> dict:
     a = plan.adapter
     return {
         "model_type": a.model_type,
+        "origin": a.origin,
         "block_style": a.block_style,
         "norm_position": a.norm_position,
         "exact": not plan.approximate_norms,
@@ -41,12 +45,16 @@ def run(args: argparse.Namespace) -> int:
     from normswap.conversion import plan_conversion
 
     src = resolve_model(args.src)
+    if args.discover:
+        return run_discover(src, args)
     plan = plan_conversion(skeleton_model(src, revision=args.revision), approximate=True)
     info = describe(plan)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{src}: model_type {info['model_type']} ({info['block_style']} blocks, {info['norm_position']}-LN)")
+    if info["origin"] == "discovered":
+        print("no declared adapter: structure discovered by measurement (`--discover` prints it as Python)")
     if info["exact"]:
         print("exact conversion possible: every swapped norm reads a sum of centred writers")
     else:
@@ -69,4 +77,61 @@ def run(args: argparse.Namespace) -> int:
         print(f"  keep LayerNorm: {name} (not described by the adapter)")
     if info["notes"]:
         print(f"notes: {info['notes']}")
+    return 0
+
+
+def discovery_info(found) -> dict:
+    """The JSON form of a discovery: the adapter as code, and every norm with its status and reason."""
+    from normswap.discovery import render_adapter
+
+    return {
+        "model_type": found.model_type,
+        "adapter": render_adapter(found.adapter) if found.adapter is not None else None,
+        "norms": [{"name": n.name, "status": n.status, "reason": n.reason, "writes_stream": n.writes_stream,
+                   "readers": n.readers, "mean_over_rms": n.mean_ratio} for n in found.norms],
+        "writers": [{"name": w.name, "layout": w.layout, "scale": w.scale} for w in found.writers],
+        "rms_norms": found.rms_norms,
+        "raw_readers": found.raw_readers,
+        "raw_stream_outputs": found.raw_stream_outputs,
+        "seconds": round(found.seconds, 3),
+        "notes": found.notes,
+    }
+
+
+def run_discover(src: str, args: argparse.Namespace) -> int:
+    """``inspect --discover``: discovery from the config alone (a small instance; no weights are read)."""
+    import transformers
+
+    from normswap.checkpoint import model_class_for
+    from normswap.discovery import discover_from_config
+    from normswap.errors import CheckpointError
+
+    kwargs = {"revision": args.revision} if args.revision else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(src, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"could not read the config of {src}: {type(exc).__name__}: {exc}") from exc
+    found = discover_from_config(config, model_class_for(config))
+    info = discovery_info(found)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    kinds = {s: sum(n["status"] == s for n in info["norms"]) for s in ("exact", "approximate", "kept")}
+    print(f"# {src}: model_type {found.model_type}, discovered in {info['seconds']:.1f} s on a small instance: "
+          f"{kinds['exact']} exact, {kinds['approximate']} approximate, {kinds['kept']} kept LayerNorm(s), "
+          f"{len(found.rms_norms)} RMSNorm(s)")
+    if found.adapter is None:
+        print("# no LayerNorm-like module (nothing subtracts a mean): nothing to convert")
+        return 0
+    print(info["adapter"])
+    for n in found.norms:
+        if n.status != "exact":
+            print(f"# {'keep LayerNorm' if n.status == 'kept' else 'approximate'}: {n.name}: {n.reason}")
+    for reader, why in found.raw_readers.items():
+        print(f"# raw reader: {reader} {why}")
+    if found.raw_stream_outputs:
+        print(f"# outputs that are the residual stream (mean-removed after conversion): "
+              f"{', '.join(found.raw_stream_outputs)}")
+    for note in found.notes:
+        print(f"# note: {note}")
     return 0
