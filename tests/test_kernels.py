@@ -6,8 +6,14 @@ recorded in ``docs/PERFORMANCE.md``. The fused extension is compiled at most onc
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,11 +289,75 @@ def test_env_var_forces_backend(monkeypatch: pytest.MonkeyPatch, fused_available
         rms_norm(x, None, None, EPS)
 
 
-def test_compiling_uses_composite(monkeypatch: pytest.MonkeyPatch) -> None:
-    """While dynamo traces, dispatch must hand inductor plain ops it can fuse, not an opaque extension call."""
-    monkeypatch.delenv("NORMSWAP_KERNEL", raising=False)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert selected_backend(torch.randn(4, 16)) == "composite"
+# ---- the registered operator ---------------------------------------------------------------------------------------
+
+
+def _op_samples(gen: torch.Generator) -> list[tuple[tuple, dict]]:
+    """Inputs for opcheck: every affine mode, low precision, mixed-precision params, grads on some, odd shapes."""
+    out = []
+    for dtype, shape, affine, grad in [
+        (torch.float32, (4, 33), "wb", "xwb"),
+        (torch.float32, (2, 3, 64), "w", "x"),
+        (torch.bfloat16, (5, 40), "wb", "wb"),
+        (torch.float16, (3, 17), "none", "x"),
+        (torch.float32, (6, 24), "b", "xb"),
+    ]:
+        x = torch.randn(shape, generator=gen).to(dtype).requires_grad_("x" in grad)
+        weight, bias = params(shape[-1], dtype, affine, gen)
+        weight = None if weight is None else weight.requires_grad_("w" in grad)
+        bias = None if bias is None else bias.requires_grad_("b" in grad)
+        out.append(((x, weight, bias, EPS), {}))
+    x = torch.randn(4, 32, generator=gen).to(torch.bfloat16).requires_grad_()
+    out.append(((x, torch.randn(32, generator=gen), torch.randn(32, generator=gen).requires_grad_(), EPS), {}))
+    return out
+
+
+def test_operator_passes_opcheck(fused_available: bool, gen: torch.Generator) -> None:
+    """Schema, fake kernel, autograd registration and (AOT) dispatch all consistent with the real kernel."""
+    if not fused_available:
+        pytest.skip(f"fused extension could not be built here: {_build.load_error()}")
+    for args, kwargs in _op_samples(gen):
+        torch.library.opcheck(torch.ops.normswap.rms_norm.default, args, kwargs)
+    x = torch.randn(7, 48, generator=gen)
+    weight, _ = params(48, torch.float32, "w", gen)
+    y, rstd = torch.ops.normswap.rms_norm(x, weight, None, EPS)
+    torch.testing.assert_close(rstd.double(), reference(x, None, None).div(x.double()).mean(-1), rtol=1e-5, atol=0)
+    for flags in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
+        args = (torch.randn(7, 48, generator=gen), x, weight, rstd, *flags)
+        torch.library.opcheck(torch.ops.normswap.rms_norm_backward.default, args)
+
+
+def test_operator_gradients_match_float64(fused_available: bool, gen: torch.Generator) -> None:
+    if not fused_available:
+        pytest.skip("fused extension unavailable")
+    from normswap.kernels.ops import rms_norm_op
+
+    x = torch.randn(64, 96, generator=gen)
+    weight, bias = params(96, torch.float32, "wb", gen)
+    dy = torch.randn(64, 96, generator=gen)
+    got = grads(rms_norm_op, x, weight, bias, dy, "xwb")
+    want = grads(rms_norm_composite, x.double(), weight.double(), bias.double(), dy.double(), "xwb")
+    for g, w in zip(got, want, strict=True):
+        assert max_rel_err(g, w) <= 1e-5
+
+
+class _GraphRecorder:
+    """A torch.compile backend that keeps the FX graphs dynamo hands it and runs them eagerly."""
+
+    def __init__(self, boxed: bool = False) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+        self.boxed = boxed  # aot_autograd calls its compilers' output with one list of arguments
+
+    def __call__(self, gm: torch.fx.GraphModule, _inputs: list) -> Callable:
+        from functorch.compile import make_boxed_func
+
+        self.graphs.append(gm)
+        return make_boxed_func(gm.forward) if self.boxed else gm.forward
+
+    def targets(self) -> set[str]:
+        """Called operators, by name without the overload (``normswap.rms_norm``)."""
+        return {str(n.target).removesuffix(".default") for gm in self.graphs for n in gm.graph.nodes
+                if n.op == "call_function"}
 
 
 def test_torch_compile_full_graph(monkeypatch: pytest.MonkeyPatch, gen: torch.Generator) -> None:
@@ -301,6 +371,65 @@ def test_torch_compile_full_graph(monkeypatch: pytest.MonkeyPatch, gen: torch.Ge
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_compile_records_the_operator(
+    monkeypatch: pytest.MonkeyPatch, fused_available: bool, gen: torch.Generator, dtype: torch.dtype
+) -> None:
+    """A real dynamo trace of the module: one graph (fullgraph), holding normswap::rms_norm, same numbers as eager."""
+    if not fused_available:
+        pytest.skip("fused extension unavailable")
+    monkeypatch.delenv("NORMSWAP_KERNEL", raising=False)
+    torch._dynamo.reset()
+    norm = RMSNorm(48, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3, generator=gen)
+        norm.bias.normal_(0.0, 0.1, generator=gen)
+    recorder = _GraphRecorder()
+    compiled = torch.compile(norm, backend=recorder, fullgraph=True)
+    x = (2.0 * torch.randn(3, 7, 48, generator=gen) + 0.3).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), norm(x), rtol=0, atol=0)
+    assert "normswap.rms_norm" in recorder.targets()
+    torch._dynamo.reset()
+
+
+def test_torch_compile_trains_through_the_fused_backward(
+    monkeypatch: pytest.MonkeyPatch, fused_available: bool, gen: torch.Generator
+) -> None:
+    """aot_autograd splits forward and backward: the backward graph must call the fused backward op."""
+    if not fused_available:
+        pytest.skip("fused extension unavailable")
+    from torch._dynamo.backends.common import aot_autograd
+
+    monkeypatch.delenv("NORMSWAP_KERNEL", raising=False)
+    torch._dynamo.reset()
+    recorder = _GraphRecorder(boxed=True)
+    backend = aot_autograd(fw_compiler=recorder, bw_compiler=recorder)
+    x = torch.randn(16, 40, generator=gen)
+    weight, bias = params(40, torch.float32, "wb", gen)
+    dy = torch.randn(16, 40, generator=gen)
+    compiled = torch.compile(rms_norm, backend=backend, fullgraph=True)
+    got = grads(compiled, x, weight, bias, dy, "xwb")
+    want = grads(rms_norm_composite, x.double(), weight.double(), bias.double(), dy.double(), "xwb")
+    for g, w in zip(got, want, strict=True):
+        assert max_rel_err(g, w) <= 1e-5
+    assert {"normswap.rms_norm", "normswap.rms_norm_backward"} <= recorder.targets()
+    torch._dynamo.reset()
+
+
+def test_torch_compile_composite_when_forced(monkeypatch: pytest.MonkeyPatch, gen: torch.Generator) -> None:
+    """NORMSWAP_KERNEL=composite hands the compiler plain ops (for inductor to fuse with their neighbours)."""
+    monkeypatch.setenv("NORMSWAP_KERNEL", "composite")
+    torch._dynamo.reset()
+    norm = RMSNorm(48)
+    recorder = _GraphRecorder()
+    compiled = torch.compile(norm, backend=recorder, fullgraph=True)
+    x = torch.randn(3, 7, 48, generator=gen)
+    torch.testing.assert_close(compiled(x), norm(x))
+    assert not any(t.startswith("normswap.") for t in recorder.targets())
+    torch._dynamo.reset()
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")
 def test_jit_trace_records_real_ops(monkeypatch: pytest.MonkeyPatch, gen: torch.Generator) -> None:
     """torch.jit.trace must not freeze the first output as a constant (what tracing an extension call does)."""
@@ -310,6 +439,8 @@ def test_jit_trace_records_real_ops(monkeypatch: pytest.MonkeyPatch, gen: torch.
         traced = torch.jit.trace(norm, torch.randn(2, 24, generator=gen))
         other = torch.randn(2, 24, generator=gen)
         torch.testing.assert_close(traced(other), norm(other))
+    if _build.load() is not None:
+        assert "normswap::rms_norm" in str(traced.graph)  # the fused kernel, recorded as an operator
 
 
 # ---- build failure fallback ---------------------------------------------------------------------------------------
@@ -326,6 +457,7 @@ def broken_build(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(_build, "_error", None)
     monkeypatch.setattr(_build, "_compile", fail)
     monkeypatch.delenv("NORMSWAP_KERNEL", raising=False)
+    monkeypatch.delenv(_build.REQUIRE_ENV, raising=False)  # the fallback itself is under test (CI sets it)
     yield
 
 
@@ -353,3 +485,61 @@ def test_build_failure_with_forced_fused_still_runs(monkeypatch: pytest.MonkeyPa
     with pytest.warns(RuntimeWarning):
         assert kernels.selected_backend(x) == "composite"
     torch.testing.assert_close(rms_norm(x, None, None, EPS), reference(x, None, None).float())
+
+
+# ---- NORMSWAP_REQUIRE_KERNEL (CI) and the first-build message ------------------------------------------------------
+
+
+@pytest.mark.usefixtures("broken_build")
+def test_required_kernel_makes_a_failed_build_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What .ci/run sets: a kernel that does not compile fails the tests instead of skipping them."""
+    monkeypatch.setenv(_build.REQUIRE_ENV, "1")
+    x = torch.randn(5, 16)
+    with pytest.raises(_build.KernelBuildError, match="NORMSWAP_REQUIRE_KERNEL.*simulated: no C\\+\\+ compiler"):
+        rms_norm(x, None, None, EPS)
+    with pytest.raises(_build.KernelBuildError):  # and it stays an error, not a silent fallback on the next call
+        selected_backend(x)
+    monkeypatch.setenv(_build.REQUIRE_ENV, "0")
+    assert selected_backend(x) == "composite"
+
+
+def test_ci_requires_the_kernel() -> None:
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert f"export {_build.REQUIRE_ENV}=1" in ci
+
+
+def test_first_build_is_announced(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import torch.utils.cpp_extension as cpp_extension
+
+    fake = types.ModuleType("fake_ext")
+    monkeypatch.setattr(cpp_extension, "load", lambda **_kw: fake)
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_error", None)
+    monkeypatch.setattr(_build, "_cached", lambda _name: False)
+    with caplog.at_level(logging.INFO, logger="normswap.kernels"):
+        assert _build.load() is fake
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "normswap.kernels"]
+    assert messages[0][0] == logging.WARNING and "building the fused RMSNorm kernel (once" in messages[0][1]
+    caplog.clear()
+    monkeypatch.setattr(_build, "_module", None)
+    monkeypatch.setattr(_build, "_cached", lambda _name: True)
+    with caplog.at_level(logging.INFO, logger="normswap.kernels"):
+        assert _build.load() is fake
+    assert not [r for r in caplog.records if r.name == "normswap.kernels"], "a cached build loads silently"
+
+
+def test_cli_shows_the_build_message(tmp_path: Path) -> None:
+    """The CLI's own logging set-up prints it (on stderr), with nothing below the CLI printing."""
+    code = (
+        "import types, torch.utils.cpp_extension as c\n"
+        "from normswap.cli import _configure_logging\n"
+        "from normswap.kernels import _build\n"
+        "_configure_logging(False)\n"
+        "c.load = lambda **kw: types.ModuleType('fake')\n"
+        "_build._cached = lambda name: False\n"
+        "_build.load()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "building the fused RMSNorm kernel (once" in proc.stderr and proc.stdout == ""

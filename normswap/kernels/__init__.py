@@ -7,16 +7,18 @@ Backends (the names :func:`selected_backend` reports):
 * ``fused``: the C++ CPU kernel (``csrc/rms_norm.cpp``), built on first use. One read of each row for the sum of
   squares, one write pass while the row is still in cache, fp32 accumulation, bias fused; with a fused backward.
   Swapping LayerNorm for RMSNorm must never make a model slower, and on CPU ``F.rms_norm`` is a ~7-op composite that
-  runs ~3x slower than ``F.layer_norm``; this kernel runs at copy bandwidth instead.
+  runs ~3x slower than ``F.layer_norm``; this kernel runs at copy bandwidth instead. It is registered as the operator
+  ``normswap::rms_norm`` (:mod:`normswap.kernels.ops`: fake kernel, autograd), so ``torch.compile`` and
+  ``torch.jit.trace`` record it like any stock op.
 * ``torch_cuda``: on CUDA, ``torch.nn.functional.rms_norm`` is already a single fused kernel; bias is one add.
 * ``composite``: ``F.rms_norm`` plus bias from stock ops (:mod:`normswap.kernels.composite`). Used for other devices
-  and dtypes, when the extension cannot be built (after one warning), and while ``torch.compile`` (or
-  ``torch.jit.trace``) traces the model: inductor fuses the composite into one generated kernel, whereas an opaque
-  extension call would split the graph.
+  and dtypes, and when the extension cannot be built (after one warning; an error with ``NORMSWAP_REQUIRE_KERNEL=1``).
 
 ``NORMSWAP_KERNEL=composite|fused`` forces a backend (``auto`` or unset: choose as above). ``fused`` means "the fused
 kernel for this device": the C++ kernel on CPU, ``torch_cuda`` on CUDA; inputs it cannot take (float64, other
-devices, torch.compile tracing) still run the composite, and :func:`selected_backend` says so.
+devices) still run the composite, and :func:`selected_backend` says so. ``composite`` is also the way to hand
+inductor plain ops to fuse with their neighbours, or to take a double backward (the fused backward is
+once-differentiable).
 """
 
 from __future__ import annotations
@@ -72,10 +74,7 @@ def _choose(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
 
     Runs on every norm call, so it sticks to attribute checks (``is_cpu``, ``dtype``): under 1 us.
     """
-    forced = _forced()
-    if forced == "composite" or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        # A tracer must record ops it understands: dynamo/inductor fuse the composite into one kernel, and
-        # torch.jit.trace would silently bake an extension call's output into the graph as a constant.
+    if _forced() == "composite":
         return "composite"
     if x.is_cpu:
         if (
@@ -83,7 +82,7 @@ def _choose(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
             and (weight is None or weight.is_cpu)
             and (bias is None or bias.is_cpu)  # else let the stock ops raise their usual device-mismatch error
             and x.dim() >= 1
-            and _build.load() is not None
+            and _build.available()
         ):
             return "fused"
         return "composite"

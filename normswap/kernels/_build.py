@@ -11,19 +11,36 @@ Instruction-set flags are chosen from torch's own CPU capability probe (which ho
 home, container image) therefore holds one build per instruction set and never hands AVX-512 code to a CPU without it.
 
 A failed build (no compiler, missing headers, sandbox) is not an error for the user: :func:`load` warns once and
-returns ``None``, and dispatch falls back to the composite implementation.
+returns ``None``, and dispatch falls back to the composite implementation. Where the kernel is part of what is being
+checked (CI, ``.ci/run``), ``NORMSWAP_REQUIRE_KERNEL=1`` makes a failed build raise :class:`KernelBuildError`
+instead, so a broken ``rms_norm.cpp`` fails the tests rather than skipping them.
+
+The first build stalls for ~10-20 s, so it is announced through the ``normswap.kernels`` logger at WARNING level
+(the CLI prints it; nothing here prints).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["cpu_capability", "extension_name", "load", "load_error"]
+__all__ = ["REQUIRE_ENV", "KernelBuildError", "available", "cpu_capability", "extension_name", "load", "load_error"]
+
+logger = logging.getLogger("normswap.kernels")
+
+#: Set to 1 (CI does) to make a failed build of the fused kernel an error instead of a warning and a fallback.
+REQUIRE_ENV = "NORMSWAP_REQUIRE_KERNEL"
+
+
+class KernelBuildError(RuntimeError):
+    """The fused kernel could not be built although ``NORMSWAP_REQUIRE_KERNEL`` asks for it."""
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "rms_norm.cpp"
 
@@ -77,23 +94,52 @@ def _compile() -> ModuleType:
     cflags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={aten_cap}", *_ISA_FLAGS[cap]]
     if aten_cap != "DEFAULT":
         cflags.append(f"-DCPU_CAPABILITY_{aten_cap}")
+    name = extension_name()
+    fresh = not _cached(name)
+    if fresh:
+        logger.warning("building the fused RMSNorm kernel (once; ~10-20 s, cached for later runs)")
+    start = time.perf_counter()
     # -fopenmp makes at::parallel_for (inline OpenMP in the ATen headers) actually parallel; the resulting
     # libgomp.so.1 dependency resolves to the copy torch has already loaded, so there is one OpenMP runtime.
-    return load_extension(
-        name=extension_name(),
+    module = load_extension(
+        name=name,
         sources=[str(_SOURCE)],
         extra_cflags=cflags,
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+    if fresh:
+        logger.info("fused RMSNorm kernel built in %.1f s", time.perf_counter() - start)
+    return module
+
+
+def _cached(name: str) -> bool:
+    """Whether a build of ``name`` is already in the extensions cache (then loading it takes milliseconds)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:  # noqa: BLE001 - a private helper that changed: just announce the build
+        return False
+
+
+def required() -> bool:
+    """Whether ``NORMSWAP_REQUIRE_KERNEL`` makes a failed build an error."""
+    return os.environ.get(REQUIRE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def load() -> ModuleType | None:
-    """The compiled extension, building it on first use; ``None`` (after one warning) if it cannot be built."""
+    """The compiled extension, building it on first use; ``None`` (after one warning) if it cannot be built.
+
+    With ``NORMSWAP_REQUIRE_KERNEL`` set, a build that failed (now or earlier in this process) raises
+    :class:`KernelBuildError` instead.
+    """
     global _module, _error
     if _module is not None:
         return _module
     if _error is not None:
+        if required():
+            raise KernelBuildError(f"{REQUIRE_ENV} is set and the fused RMSNorm kernel could not be built: {_error}")
         return None
     with _lock:
         if _module is None and _error is None:
@@ -101,6 +147,10 @@ def load() -> ModuleType | None:
                 _module = _compile()
             except Exception as exc:  # noqa: BLE001 - any build failure means "use the fallback", never a crash
                 _error = f"{type(exc).__name__}: {exc}"
+                if required():
+                    raise KernelBuildError(
+                        f"{REQUIRE_ENV} is set and the fused RMSNorm kernel could not be built: {_error}"
+                    ) from exc
                 warnings.warn(
                     "normswap: could not build the fused CPU RMSNorm kernel, falling back to the composite "
                     f"implementation (correct but ~3x slower). Cause: {_error}",
@@ -108,6 +158,15 @@ def load() -> ModuleType | None:
                     stacklevel=3,
                 )
     return _module
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the fused kernel can run here (building it on first use).
+
+    A constant for ``torch.compile``: dynamo calls it once while tracing instead of tracing the build and its lock.
+    """
+    return load() is not None
 
 
 def load_error() -> str | None:
