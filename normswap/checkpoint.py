@@ -6,11 +6,9 @@ Outputs are ordinary ``save_pretrained`` folders. The ``normswap`` key in ``conf
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,14 @@ import torch
 import transformers
 from torch import nn
 
-from normswap.errors import CheckpointError, NormswapError, OutputExistsError
+from normswap.errors import CheckpointError, NormswapError
+from normswap.outputs import (  # noqa: F401 - re-exported: streaming uses them from here
+    atomic_output_dir,
+    carry_over_files,
+    check_output_not_source,
+    check_output_target,
+    replace_target,
+)
 from normswap.publish import load_output_config, write_publish_files
 from normswap.surgery import swap_named_norms_
 
@@ -101,11 +106,22 @@ def load_source(
         tokenizer = transformers.AutoTokenizer.from_pretrained(src, **kwargs)
     except Exception:  # noqa: BLE001 - a missing tokenizer is reported, not fatal
         logger.info("no tokenizer found for %s", src)
-    if tokenizer is not None and len(tokenizer) <= 1:
-        # transformers v5 builds an empty tokenizer when a folder has no tokenizer files at all
+    if tokenizer is not None and not usable_tokenizer(tokenizer):
         tokenizer = None
     local = Path(src) if Path(src).is_dir() else _hub_preprocessing_dir(src, revision)
     return Source(model, tokenizer, src, revision or getattr(config, "_commit_hash", None), local)
+
+
+def usable_tokenizer(tokenizer) -> bool:
+    """Whether a loaded tokenizer can tokenize text at all.
+
+    transformers v5 builds an empty tokenizer (no vocabulary, at most its special tokens) for a folder without
+    tokenizer files; treating that as a tokenizer makes every text "shorter than two tokens" instead of "no tokenizer".
+    """
+    try:
+        return len(tokenizer) > 1 and len(tokenizer("The quick brown fox jumps.")["input_ids"]) > 1
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode is no tokenizer
+        return False
 
 
 def _hub_preprocessing_dir(repo_id: str, revision: str | None) -> Path | None:
@@ -129,45 +145,6 @@ def skeleton_model(src: str | os.PathLike, revision: str | None = None) -> nn.Mo
     with torch.device("meta"):
         model = model_class_for(config)._from_config(config)
     return model
-
-
-def check_output_target(target: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output unless ``overwrite``: checked before any work starts."""
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        if not overwrite:
-            raise OutputExistsError(
-                f"output folder {target} exists and is not empty; choose another path or pass --force to replace it"
-            )
-
-
-def replace_target(finished: Path, target: Path) -> None:
-    """Move a finished folder into place; an existing target is moved aside first and removed only afterwards."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.normswap-old-{os.getpid()}")
-        target.rename(old)
-    finished.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside ``path``; rename it into place only if the block finishes.
-
-    A crash or Ctrl-C leaves the target untouched (no half-written output); an existing non-empty target is refused
-    unless ``overwrite``.
-    """
-    target = Path(path).resolve()
-    check_output_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.normswap-tmp-", dir=target.parent))
-    try:
-        yield tmp
-        replace_target(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def copy_preprocessing_files(src_dir: Path | None, dst: Path) -> list[str]:
@@ -205,6 +182,7 @@ def save(
                 "refusing to save: verification failed (the converted model does not match the original within "
                 "tolerance). Inspect the report; pass --force / force=True to save anyway."
             )
+    check_output_not_source(path, source_dir)
     out_dtype = parse_dtype(dtype)
     if out_dtype is not None:
         model.to(out_dtype)
@@ -218,6 +196,7 @@ def save(
             with open(tmp / name, mode) as fh:
                 fh.write(content)
         write_publish_files(model, tmp, source_dir=source_dir, name=Path(path).name)  # card, remote code, auto_map
+        carry_over_files(Path(source_dir) if source_dir else None, tmp)
     return Path(path).resolve()
 
 
@@ -244,6 +223,10 @@ def load(
         from normswap.batchnorm import fold_saved_batchnorms_
 
         fold_saved_batchnorms_(model, meta["batchnorm_folded"])
+    if isinstance(meta.get("removal"), dict):  # --to none|dyt: LayerNorm replaced (normswap.removal)
+        from normswap.removal import load_removed_norms_
+
+        load_removed_norms_(model, path, meta["removal"])
     if device:
         model.to(device)
     return model.eval()

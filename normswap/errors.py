@@ -27,3 +27,15 @@ class CheckpointError(NormswapError):
 
 class OutputExistsError(NormswapError):
     pass
+
+
+class OutputPathError(NormswapError):
+    """The output path cannot be used: it overlaps the source, or cannot be created."""
+
+
+class DiskFullError(NormswapError):
+    """A write ran out of disk space, quota or file-size limit; nothing was saved."""
+
+
+class SourceNotFoundError(NormswapError):
+    """A model argument names a local folder that does not exist, or a Hub id that cannot be reached."""

@@ -5,6 +5,7 @@ The reference outputs are captured *before* the in-place conversion, so no secon
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -44,6 +45,12 @@ def make_probes(model: nn.Module, tokenizer=None, batch: int = 2, seq_len: int =
     gen = torch.Generator().manual_seed(seed)
     device = model_device(model)
     main = getattr(model, "main_input_name", "input_ids")
+    if main not in ("input_ids", "pixel_values") or getattr(config, "is_encoder_decoder", False) or (
+            main == "input_ids" and "pixel_values" in inspect.signature(model.forward).parameters):
+        # audio features, decoder ids, text + pixels (Whisper, M2M100, CLIPModel): every input the model needs
+        from normswap.discovery.instance import probe_inputs
+
+        return {k: v.to(device) for k, v in probe_inputs(model, batch=batch, seq_len=seq_len, seed=seed).items()}
     if main == "pixel_values":
         size = getattr(config, "image_size", 224)
         channels = getattr(config, "num_channels", 3)

@@ -137,7 +137,7 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_missing_source_is_a_clear_error(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nope"), "-o", str(tmp_path / "out"), "--no-eval"]) == 2
-    assert "could not load" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err
 
 
 def test_nan_weights_refused_naming_the_tensor():
@@ -162,3 +162,93 @@ def test_load_refuses_non_normswap_folder(tmp_path):
     src = save_source(make("gpt2"), tmp_path / "src")
     with pytest.raises(normswap.errors.NormswapError, match="not a normswap output"):
         normswap.load(src)
+
+
+# ---- issue 11 item 1: an output that overlaps the source is refused, whatever the spelling -------------------------
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (recursively, symlinks by their target text) mapped to a hash of its bytes."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = "link:" + str(p.readlink())
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+@pytest.fixture
+def sandbox(tmp_path) -> Path:
+    """``tmp/sandbox/model``: a tiny GPT-2 with a sub-folder, inside a folder that holds nothing else."""
+    model = save_source(make("gpt2"), tmp_path / "sandbox" / "model")
+    (model / "extra").mkdir()
+    (model / "extra" / "notes.txt").write_text("keep me")
+    return tmp_path
+
+
+OVERLAPS = {  # name: (source as typed, output as typed), relative to tmp_path; `link` -> sandbox/model
+    "output is the source's parent": ("sandbox/model", "sandbox"),
+    "output is the source's grandparent": ("sandbox/model", "."),
+    "output inside the source": ("sandbox/model", "sandbox/model/rms"),
+    "output is the source": ("sandbox/model", "sandbox/model"),
+    "output is a link to the source": ("sandbox/model", "link"),
+    "output inside the source via a link": ("sandbox/model", "link/rms"),
+    "source via a link, output its real parent": ("link", "sandbox"),
+    "source via a link, output inside its target": ("link", "sandbox/model/rms"),
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+@pytest.mark.parametrize("case", list(OVERLAPS))
+def test_output_overlapping_the_source_is_refused_and_nothing_is_touched(sandbox, case, streaming, capsys,
+                                                                          monkeypatch):
+    monkeypatch.chdir(sandbox)
+    (sandbox / "link").symlink_to(sandbox / "sandbox" / "model", target_is_directory=True)
+    src, out = OVERLAPS[case]
+    before = tree_digest(sandbox)
+    argv = ["convert", src, "-o", out, "--force", "--no-eval"] + (["--streaming"] if streaming else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("normswap: error:") and "never modifies the source" in err[0]
+    assert tree_digest(sandbox) == before  # nothing deleted, nothing written, no temporary folder left
+
+
+def test_python_save_refuses_an_output_around_its_source_dir(sandbox):
+    model = make("gpt2")
+    normswap.convert_(model)
+    before = tree_digest(sandbox)
+    with pytest.raises(normswap.errors.OutputPathError, match="never modifies the source"):
+        normswap.save(model, sandbox / "sandbox", source_dir=sandbox / "sandbox" / "model", force=True)
+    assert tree_digest(sandbox) == before
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_force_replaces_an_output_that_is_a_file_without_leftovers(tmp_path, streaming, capsys):
+    src = save_source(make("gpt2"), tmp_path / "src")
+    before = tree_digest(src)
+    (tmp_path / "afile").write_text("not a folder")
+    argv = ["convert", str(src), "-o", str(tmp_path / "afile"), "--no-eval"] + (["--streaming"] if streaming else [])
+    assert main(argv) == 2  # refused without --force
+    assert (tmp_path / "afile").read_text() == "not a folder"
+    assert main([*argv, "--force"]) == 0
+    assert (tmp_path / "afile" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "src"]  # no .afile.normswap-old-NNNN
+    assert tree_digest(src) == before
+
+
+def test_finetune_output_or_work_folder_overlapping_an_input_is_refused(sandbox, capsys):
+    student = sandbox / "student"
+    assert main(["convert", str(sandbox / "sandbox" / "model"), "-o", str(student), "--no-eval"]) == 0
+    capsys.readouterr()
+    before = tree_digest(sandbox)
+    teacher = sandbox / "sandbox" / "model"
+    for extra in (["-o", str(sandbox / "sandbox")], ["-o", str(student / "healed")], ["-o", str(sandbox)],
+                  ["-o", str(sandbox / "healed"), "--work-dir", str(sandbox / "sandbox")]):
+        argv = ["finetune", str(student), "--teacher", str(teacher), "--recipe", "causal-lm", "--force", *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "never modifies the source" in err[0], err
+        assert tree_digest(sandbox) == before

@@ -547,7 +547,7 @@ def test_cli_no_resume_starts_over_and_a_concurrent_run_is_refused(tmp_path, mon
     assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--streaming", "--max-shard-size", "8KB",
                  "--no-resume", "--json"]) == 0
     out = capsys.readouterr().out
-    payload = json.loads(out[out.index("\n{") + 1:out.index("\n}\n") + 2])
+    payload = json.loads(out)  # --json: stdout holds the JSON alone
     assert payload["streaming"]["resumed_shards"] == 0
     assert not partial.exists()
 

@@ -1,7 +1,9 @@
 """The ``normswap`` command. Each subcommand lives in its own module here and exposes ``register(subparsers)``.
 
-Modules are discovered, so adding a subcommand is adding a file. Errors derived from :class:`NormswapError` are
-printed as one line (what happened, what to do) instead of a traceback.
+Modules are discovered, so adding a subcommand is adding a file. The contract every subcommand keeps: bad input
+exits 2 with one stderr line starting ``normswap: error:`` (what happened, what to do), never a traceback. That holds
+for argument errors too (:class:`Parser`), a full disk, an unwritable output, a closed pipe (exits quietly) and
+Ctrl-C, also while the heavy libraries are still importing (they are imported inside :func:`main`).
 """
 
 from __future__ import annotations
@@ -9,21 +11,47 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
+from typing import NoReturn, TextIO
 
 from normswap._version import __version__
 from normswap.errors import AlreadyRMSNormError, NormswapError
 
+logger = logging.getLogger(__name__)
+
+#: Exit status of a command killed by SIGPIPE in a shell (128 + 13): what ``yes | head`` reports for ``yes``.
+BROKEN_PIPE_EXIT = 141
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors keep the CLI contract: one ``normswap: error:`` line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("normswap").strip()
+        where = f"{command}: " if command else ""
+        hint = f"normswap {command} --help" if command else "normswap --help"
+        self.exit(2, f"normswap: error: {where}{message} (see `{hint}`)\n")
+
+
+def console(args: argparse.Namespace) -> TextIO:
+    """Where progress and summary lines go: stderr when ``--json`` owns stdout (so it stays pure JSON)."""
+    return sys.stderr if getattr(args, "json", False) else sys.stdout
+
+
+def say(args: argparse.Namespace, *parts: object) -> None:
+    print(*parts, file=console(args))
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="normswap",
         description="Convert transformers from LayerNorm to RMSNorm, exactly where the maths allows, and prove it.",
     )
     parser.add_argument("--version", action="version", version=f"normswap {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug information")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
@@ -32,7 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
+    for subparser in sub.choices.values():  # -v after the subcommand too; SUPPRESS keeps a -v given before it
+        flags = [f for f in ("-v", "--verbose") if f not in subparser._option_string_actions]
+        if "--verbose" in flags:
+            subparser.add_argument(*flags, action="store_true", default=argparse.SUPPRESS,
+                                   help="log debug information")
     return parser
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """``{name: parser}`` of every registered subcommand (the tests walk it, so a new command is covered at once)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -40,25 +81,71 @@ def run_command(args: argparse.Namespace) -> int:
 
     A subcommand may set ``interrupted_hint`` (via ``set_defaults``) to tell the user how to continue after Ctrl-C.
     """
+    from normswap.outputs import disk_error
+
     try:
         return int(args.func(args) or 0)
     except AlreadyRMSNormError as exc:
-        print(f"normswap: {exc}; nothing written.")
+        print(f"normswap: {exc}; nothing written.", file=console(args))
         return 0
     except NormswapError as exc:
-        print(f"normswap: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     except KeyboardInterrupt:
         hint = getattr(args, "interrupted_hint", "")
         print(f"normswap: interrupted; no output was written{hint}.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # handled in main: the reader went away, which is not an error to report
+    except Exception as exc:
+        full = disk_error(exc)  # a full disk or `ulimit -f` wherever it struck (streaming writes, reports, ...)
+        if full is None and isinstance(exc, OSError) and exc.filename is not None:
+            full = NormswapError(f"{exc.strerror or exc}: {exc.filename}")
+        if full is None:
+            raise  # a bug: the traceback is what a report needs
+        logger.debug("original error", exc_info=True)
+        hint = getattr(args, "interrupted_hint", "").strip().strip("()")
+        return _error(NormswapError(f"{full}; {hint}" if hint else str(full)))
+
+
+def _error(exc: BaseException) -> int:
+    text = " ".join(str(exc).split())  # one line, whatever the message holds
+    print(f"normswap: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush cannot complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured in tests)
+        pass
+
+
+def _configure_logging(verbose: bool) -> None:
+    """One handler for normswap's own logs; libraries that print through their own handler (huggingface_hub,
+    transformers) stop propagating to it, so each warning is printed once, not twice."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    for name in ("huggingface_hub", "transformers", "datasets", "accelerate"):
+        library = logging.getLogger(name)
+        if library.handlers:
+            library.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    return run_command(args)
+    try:
+        parser = build_parser()  # imports torch and transformers: Ctrl-C here is still caught below
+        args = parser.parse_args(argv)
+        _configure_logging(args.verbose)
+        code = run_command(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not at exit where it would print a traceback
+        return code
+    except KeyboardInterrupt:
+        print("normswap: interrupted; no output was written.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `normswap inspect --json | head`: the reader has what it wanted
+        _quiet_stdout()
+        return BROKEN_PIPE_EXIT
 
 
 if __name__ == "__main__":

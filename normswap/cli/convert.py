@@ -52,20 +52,23 @@ def run(args: argparse.Namespace) -> int:
 
     import normswap
     from normswap.checkpoint import load_source, parse_dtype
+    from normswap.cli import say
+    from normswap.outputs import check_output_not_source, probe_output_location
 
-    src = resolve_model(args.src)
-    out = Path(args.output) if args.output else default_output(src)
-    if Path(src).exists() and out.resolve() == Path(src).resolve():
-        raise normswap.errors.NormswapError("the output folder is the source folder; normswap never modifies the source")
+    src = resolve_model(args.src, args.revision)
+    out = Path(args.output).expanduser() if args.output else default_output(src)
+    check_output_not_source(out, src)  # before anything runs: the in-memory and streaming paths alike
+    probe_output_location(out)
     streamed = maybe_run_streaming(args, src, out)  # --streaming, or automatic for checkpoints too big for RAM
     if streamed is not None:
         return streamed
     out_dtype = parse_dtype(args.dtype or "float32")
 
-    print(f"loading {src}")
+    say(args, f"loading {src}")
     source = load_source(src, dtype="float32", device=args.device, revision=args.revision)
+    check_output_not_source(out, source.local_dir)  # a Hub id's snapshot in the local cache is a source too
     if source.tokenizer is None:
-        print("note: no tokenizer found next to the model; converting anyway (probes use random token ids)")
+        say(args, "note: no tokenizer found next to the model; converting anyway (probes use random token ids)")
     evaluation = start_convert_evaluation(args, source, out)  # "before" must be measured before the in-place convert_
     report = normswap.convert_(
         source.model, approximate=args.approximate, fold_gain=args.fold_gain, fold_bias=args.fold_bias,
@@ -74,9 +77,7 @@ def run(args: argparse.Namespace) -> int:
     source.model.config.normswap = report.metadata(
         source.id, source.revision, str(out_dtype).removeprefix("torch.")
     )
-    print(report.summary())
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
+    say(args, report.summary())
     if not report.passed and not args.force:
         raise normswap.errors.VerificationError(
             "verification failed, so nothing was saved: the converted model does not match the original within "
@@ -85,5 +86,7 @@ def run(args: argparse.Namespace) -> int:
     extra_files = evaluation.finish(report, src, out) if evaluation is not None else None
     path = normswap.save(source.model, out, tokenizer=source.tokenizer, source_dir=source.local_dir,
                          force=args.force, dtype=out_dtype, extra_files=extra_files)
-    print(f"saved {path}")
+    say(args, f"saved {path}")
+    if args.json:  # last, and alone on stdout: `normswap convert ... --json | python -m json.tool` works
+        print(json.dumps({**report.to_dict(), "output": str(path)}, indent=2, default=str))
     return 0

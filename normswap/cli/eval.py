@@ -183,11 +183,26 @@ def run(args: argparse.Namespace) -> int:
             results["against"], labels["against"] = against, other.label
     except ValueError as exc:
         raise NormswapError(str(exc)) from None
+    warnings = short_text_warnings(results)
+    for warning in warnings:
+        print(f"normswap: warning: {warning}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps({**result, "warnings": warnings}, indent=2))
     else:
         print(_perplexity_text(results, labels))
     return 0
+
+
+#: Fewer scored tokens than this make a perplexity mostly noise (a few tokens decide it): warn, still report it.
+MIN_SCORED_TOKENS = 64
+
+
+def short_text_warnings(results: dict[str, dict]) -> list[str]:
+    scored = min(r["tokens"] for r in results.values())
+    if scored >= MIN_SCORED_TOKENS:
+        return []
+    return [f"the perplexity rests on only {scored} scored token(s), so it is mostly noise; use a text of at least "
+            f"{MIN_SCORED_TOKENS} tokens"]
 
 
 class ConvertEvaluation:
@@ -195,10 +210,12 @@ class ConvertEvaluation:
     model, because ``convert_`` works in place; :meth:`finish` measures "after" and renders the report files."""
 
     def __init__(self, args: argparse.Namespace, source, out: Path) -> None:
+        from normswap.cli import say
         from normswap.evaluate.measurement import BeforeAfter
 
         _fail_fast(args, source, out)
-        print("measuring the original before conversion (skip with --no-eval)")
+        self.args = args
+        say(args, "measuring the original before conversion (skip with --no-eval)")
         try:
             self.measurement = BeforeAfter(source.model, source.tokenizer, convert_measure_options(args))
         except ValueError as exc:  # text too short, bench longer than the context, ...
@@ -206,14 +223,15 @@ class ConvertEvaluation:
 
     def finish(self, conversion, src: str, out: Path) -> dict[str, str | bytes]:
         """Measure the converted model and return ``{file name: content}`` for ``normswap.save(extra_files=...)``."""
+        from normswap.cli import say
         from normswap.evaluate.report import markdown_table, report_files
 
-        print("measuring the converted model (throughput interleaved with a copy of the original)")
+        say(self.args, "measuring the converted model (throughput interleaved with a copy of the original)")
         command = invoked_command(f"normswap convert {shlex.quote(src)} -o {shlex.quote(str(out))} (called from Python)")
         report = self.measurement.finish(conversion, source=src, output=str(out), command=command)
-        print(markdown_table(report))
+        say(self.args, markdown_table(report))
         for note in report["notes"]:
-            print(f"note: {note}")
+            say(self.args, f"note: {note}")
         return report_files(report)
 
 

@@ -52,20 +52,28 @@ def default_work_dir(output: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     import normswap
+    from normswap.assets import resolve_model
     from normswap.checkpoint import load_source
     from normswap.errors import NormswapError, OutputExistsError
+    from normswap.outputs import check_output_not_source, probe_output_location
     from normswap.training import apply_overrides, check_same_tokenizer, load_recipe
     from normswap.training.loop import list_checkpoints, make_accelerator
 
     recipe = load_recipe(args.recipe)
     if args.overrides:
         recipe = apply_overrides(recipe, args.overrides)
-    out = Path(args.output).resolve()
-    work = Path(args.work_dir).resolve() if args.work_dir else default_work_dir(out)
-    student_dir = Path(args.student).resolve()
-    if out == student_dir or (Path(args.teacher).exists() and out == Path(args.teacher).resolve()):
-        raise NormswapError("the output folder must differ from the student and teacher folders (they are inputs)")
-    if out.exists() and any(out.iterdir()) and not args.force:
+    out = Path(args.output).expanduser().resolve()
+    work = Path(args.work_dir).expanduser().resolve() if args.work_dir else default_work_dir(out)
+    student_dir = Path(resolve_model(args.student)).resolve()
+    if not student_dir.is_dir():
+        raise NormswapError(f"the student must be a local `normswap convert` output folder; {args.student} is not one")
+    teacher = resolve_model(args.teacher)
+    for folder, what in ((out, "output folder"), (work, "work folder")):  # --force deletes both: never an input
+        check_output_not_source(folder, student_dir, role="student", what=what)
+        check_output_not_source(folder, teacher, role="teacher", what=what)
+    check_output_not_source(work, out, role="output", what="work folder")
+    probe_output_location(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise OutputExistsError(f"output folder {out} exists and is not empty; choose another path or pass --force")
     for f in (args.text_file, args.eval_text_file):
         if f and not Path(f).is_file():
@@ -78,10 +86,10 @@ def run(args: argparse.Namespace) -> int:
     say = print if main else (lambda *a, **k: None)
     say(f"recipe {recipe.name or args.recipe}: {recipe.family}, {recipe.steps} steps x {recipe.effective_batch} "
         f"sequences, trainable={recipe.trainable}, precision={recipe.precision}")
-    say(f"loading student {student_dir} and teacher {args.teacher}")
+    say(f"loading student {student_dir} and teacher {teacher}")
     student = normswap.load(student_dir)
     meta = dict(student.config.normswap)
-    teacher_src = load_source(args.teacher, dtype="float32")
+    teacher_src = load_source(teacher, dtype="float32")
     student_tok = _student_tokenizer(student_dir)
     check_same_tokenizer(student_tok, teacher_src.tokenizer)
     tokenizer = student_tok or teacher_src.tokenizer
