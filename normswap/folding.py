@@ -79,7 +79,7 @@ def fold_(model: nn.Module, norms: list[ResolvedNorm], probes: dict, gain: bool,
         if any(_reader_layout(m) is None for _, m in readers):
             result.skipped[n.name] = "a reader is neither nn.Linear nor Conv1D"
             continue
-        if bias and ln.bias is not None:
+        if bias and getattr(ln, "bias", None) is not None:
             missing = [name for name, m in readers if getattr(m, "bias", None) is None]
             if missing:
                 result.skipped[n.name + ".bias"] = (
@@ -92,15 +92,15 @@ def fold_(model: nn.Module, norms: list[ResolvedNorm], probes: dict, gain: bool,
                     m.bias.copy_(new_b.to(m.bias.dtype))
                 ln.bias.zero_()
                 result.bias_folded.append(n.name)
-        if gain and ln.weight is not None:
+        if gain and getattr(ln, "weight", None) is not None:
             gamma = ln.weight.detach().to(torch.float64)
-            if ln.bias is not None and bool((ln.bias != 0).any()) and bool((gamma.abs() < 1e-12).any()):
+            if getattr(ln, "bias", None) is not None and bool((ln.bias != 0).any()) and bool((gamma.abs() < 1e-12).any()):
                 result.skipped[n.name + ".weight"] = "γ has zeros, so β/γ is undefined; γ stays in the norm"
                 continue
             for _, m in readers:
                 new_w = maths.fold_gain_into_reader(m.weight, ln.weight, _reader_layout(m))
                 m.weight.copy_(new_w.to(m.weight.dtype))
-            if ln.bias is not None:
+            if getattr(ln, "bias", None) is not None:
                 ln.bias.copy_((ln.bias.detach().to(torch.float64) / gamma).nan_to_num(0.0).to(ln.bias.dtype))
             ln.weight.fill_(1.0)
             result.gain_folded.append(n.name)

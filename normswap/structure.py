@@ -126,11 +126,15 @@ def first_present(roots: Iterable[tuple[nn.Module, str]], path: str) -> tuple[st
     return None
 
 
-def _blocks(base: nn.Module, prefix: str, path: str, model_type: str) -> list[tuple[str, nn.Module]]:
-    """(full prefix with trailing dot, block) for every block of the ModuleList at ``path`` ('' = no blocks)."""
+def _blocks(base: nn.Module, prefix: str, path: str, model_type: str,
+            optional: bool = False) -> list[tuple[str, nn.Module]] | None:
+    """(full prefix with trailing dot, block) for every block of the ModuleList at ``path`` ('' = no blocks);
+    None for an optional stack that this model lacks."""
     if not path:
         return []
     blocks = lookup(base, path)
+    if blocks is None and optional:
+        return None
     if not isinstance(blocks, nn.ModuleList):
         raise CheckpointError(f"{model_type} adapter expects the blocks at {prefix}{path}, but this model has none there")
     return [(f"{prefix}{path}.{i}.", block) for i, block in enumerate(blocks)]
@@ -179,8 +183,11 @@ def resolve(model: nn.Module, adapter: Adapter, config: object | None = None) ->
                 readers.append(hit[0])
         out.norms.append(ConcreteNorm(root_prefix + n.path, n, n.exact and not all_inexact, tuple(readers)))
 
-    def add_stack(path: str, writers: tuple[Writer, ...], norms: tuple[Norm, ...]) -> None:
-        blocks = _blocks(base, prefix, path, adapter.model_type)
+    def add_stack(path: str, writers: tuple[Writer, ...], norms: tuple[Norm, ...], optional: bool = False) -> None:
+        blocks = _blocks(base, prefix, path, adapter.model_type, optional)
+        if blocks is None:
+            out.skipped_optional.append(prefix + path)
+            return
         if path:
             out.block_lists[prefix + path] = len(blocks)
         for bprefix, block in blocks:
@@ -195,7 +202,7 @@ def resolve(model: nn.Module, adapter: Adapter, config: object | None = None) ->
         add_norm(base, prefix, n)
     add_stack(adapter.blocks, adapter.block_writers, adapter.block_norms)
     for stack in adapter.stacks:
-        add_stack(stack.blocks, stack.block_writers, stack.block_norms)
+        add_stack(stack.blocks, stack.block_writers, stack.block_norms, stack.optional)
     return out
 
 

@@ -193,10 +193,12 @@ def center_writers_(writers: list[ResolvedWriter]) -> None:
 
     A LayerScale is folded into its writer first (rows and bias scaled, the scale set to ones, in the same float64
     pass), because centring the writer alone would leave ``λ ⊙ centred`` uncentred. Run-time re-centrings
-    (``recenter``/``recenter_input``) change no weight: :func:`install_recentering_` handles them.
+    (``recenter``/``recenter_input``) change no weight: their hook is installed here (see
+    :func:`install_recentering_`), and the metadata's ``recentered_writers`` makes ``normswap.load`` re-install it.
     """
     for w in tqdm(writers, desc="centring writers", unit="tensor", disable=len(writers) < 64, leave=False):
         if w.recenter is not None:
+            _install_one(w.target, w.recenter, w.name)
             continue
         axis = maths.HIDDEN_AXIS[w.layout]
         scale = w.scale.detach() if w.scale is not None else None
@@ -239,20 +241,21 @@ def install_recentering_(model: nn.Module, recentered: dict[str, str]) -> int:
     state, so they survive ``copy.deepcopy`` and leave the state dict (stock keys) untouched. Installing twice is a
     no-op for a module that already carries the hook.
     """
-    count = 0
-    for name, kind in recentered.items():
-        module = model.get_submodule(name)
-        if kind == "output":
-            if _recenter_output not in module._forward_hooks.values():
-                module.register_forward_hook(_recenter_output)
-                count += 1
-        elif kind == "input":
-            if _recenter_input not in module._forward_pre_hooks.values():
-                module.register_forward_pre_hook(_recenter_input, with_kwargs=True)
-                count += 1
-        else:
-            raise CheckpointError(f"metadata asks to re-centre the {kind!r} of {name}; expected 'output' or 'input'")
-    return count
+    return sum(_install_one(model.get_submodule(name), kind, name) for name, kind in recentered.items())
+
+
+def _install_one(module: nn.Module, kind: str, name: str) -> int:
+    if kind == "output":
+        if _recenter_output in module._forward_hooks.values():
+            return 0
+        module.register_forward_hook(_recenter_output)
+        return 1
+    if kind == "input":
+        if _recenter_input in module._forward_pre_hooks.values():
+            return 0
+        module.register_forward_pre_hook(_recenter_input, with_kwargs=True)
+        return 1
+    raise CheckpointError(f"metadata asks to re-centre the {kind!r} of {name}; expected 'output' or 'input'")
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -275,8 +278,12 @@ def swap_named_norms_(model: nn.Module, names: Iterable[str], recentered: Iterab
     """Swap the LayerNorms listed in saved metadata (used by ``normswap.load``); returns how many were swapped.
 
     Norms of any LayerNorm-like class are taken (``CohereLayerNorm``, ``OlmoLayerNorm``); ``recentered_writers``
-    (``{name: "output"|"input"}``) re-installs the run-time re-centrings the conversion relied on.
+    (``{name: "output"|"input"}``, default: the model config's ``normswap["recentered_writers"]``) re-installs the
+    run-time re-centrings the conversion relied on, without which the RMSNorms would see a stream with a mean.
     """
+    if recentered_writers is None:
+        meta = getattr(getattr(model, "config", None), "normswap", None)
+        recentered_writers = meta.get("recentered_writers") if isinstance(meta, dict) else None
     recentered = set(recentered)
     count = 0
     for name in names:

@@ -62,13 +62,13 @@ def test_exact_conversion_matches_original(row, tmp_path):
     assert not any(isinstance(m, RMSNorm) for m in stock.modules())
     assert rel_diff(run(stock, probes), ref) <= TOL
     assert stock.config.normswap["mode"] == "exact"
-    assert set(stock.state_dict()) == set(original.state_dict()) | ({"lm_head.weight"} if report.untied_head else set())
+    assert set(stock.state_dict()) == set(original.state_dict()) | ({"lm_head.weight"} if report.untied_head and hasattr(original, "lm_head") else set())
 
     loaded = normswap.load(out)
     assert {n for n, m in loaded.named_modules() if isinstance(m, RMSNorm)} == set(report.swapped_norms)
     assert rel_diff(run(loaded, probes), ref) <= TOL
 
-    if "input_ids" in probes:
+    if "input_ids" in probes and hasattr(original, "generate"):  # encoders (CLIP) have no generate
         kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
         prompt = probes["input_ids"][:1, :6]
         with torch.no_grad():

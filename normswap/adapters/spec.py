@@ -68,6 +68,9 @@ class Stack:
     blocks: str
     block_writers: tuple[Writer, ...] = ()
     block_norms: tuple[Norm, ...] = ()
+    #: Absent from some classes of the model type (WhisperForCausalLM has no encoder, CLIPForImageClassification no
+    #: text tower); skipped when missing.
+    optional: bool = False
 
 
 @dataclass(frozen=True)

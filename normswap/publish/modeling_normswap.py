@@ -46,19 +46,77 @@ def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tens
     return y * weight if weight is not None else y
 
 
+def _eps(norm: nn.Module) -> float:
+    """A LayerNorm-like module's epsilon, whatever its class calls it (OlmoLayerNorm hard-codes F.layer_norm's 1e-5)."""
+    for attr in ("eps", "variance_epsilon", "epsilon", "layer_norm_eps"):
+        value = getattr(norm, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 1e-5
+
+
+def _is_layernorm(module: nn.Module) -> bool:
+    """``nn.LayerNorm`` or a model's own ``*LayerNorm`` class (CohereLayerNorm, OlmoLayerNorm), not an RMSNorm."""
+    if isinstance(module, RMSNorm) or "rmsnorm" in type(module).__name__.lower():
+        return False
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")
+
+
+def _recenter_output(_module, _inputs, output):
+    """Forward hook: re-centre a nonlinear writer's output (or a tuple's first element) along the hidden axis."""
+    if isinstance(output, torch.Tensor):
+        return output - output.mean(dim=-1, keepdim=True)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (output[0] - output[0].mean(dim=-1, keepdim=True), *output[1:])
+    return output
+
+
+def _recenter_input(_module, args, kwargs):
+    """Forward pre-hook: re-centre a module's first input (Whisper's first encoder layer after the inline GELU stem)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (args[0] - args[0].mean(dim=-1, keepdim=True), *args[1:]), kwargs
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        x = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": x - x.mean(dim=-1, keepdim=True)}
+    return None
+
+
+def install_recentering_(model: nn.Module, recentered: dict) -> int:
+    """Re-install the run-time re-centrings the conversion relied on (``{module name: "output"|"input"}``)."""
+    count = 0
+    for name, kind in (recentered or {}).items():
+        found = _resolve(model, name)
+        if found is None:
+            logger.info("normswap: %s is not part of %s; no re-centring installed", name, type(model).__name__)
+            continue
+        module = found[1]
+        if kind == "output" and _recenter_output not in module._forward_hooks.values():
+            module.register_forward_hook(_recenter_output)
+            count += 1
+        elif kind == "input" and _recenter_input not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_recenter_input, with_kwargs=True)
+            count += 1
+    return count
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with an optional bias, holding the parameters of the LayerNorm it replaces (same names, no copy).
 
     On a zero-mean input it equals that LayerNorm, which is why an exact conversion also loads in the stock class.
     """
 
-    def __init__(self, layernorm: nn.LayerNorm) -> None:
+    def __init__(self, layernorm: nn.Module) -> None:
         super().__init__()
-        self.normalized_shape = tuple(layernorm.normalized_shape)
-        self.eps = float(layernorm.eps)
-        self.elementwise_affine = getattr(layernorm, "weight", None) is not None
-        self.weight = layernorm.weight
-        self.bias = getattr(layernorm, "bias", None)
+        weight = getattr(layernorm, "weight", None)
+        bias = getattr(layernorm, "bias", None)
+        shape = getattr(layernorm, "normalized_shape", None)
+        if shape is None:
+            shape = tuple(weight.shape)
+        self.normalized_shape = (int(shape),) if isinstance(shape, int) else tuple(shape)
+        self.eps = _eps(layernorm)
+        self.elementwise_affine = isinstance(weight, nn.Parameter)
+        self.weight = weight if isinstance(weight, nn.Parameter) else None
+        self.bias = bias if isinstance(bias, nn.Parameter) else None
         self.train(layernorm.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +178,7 @@ def swap_layernorms_(model: nn.Module, names, recentered=()) -> int:
         full, module = found
         if isinstance(module, RMSNorm):
             continue
-        if not isinstance(module, nn.LayerNorm):
+        if not _is_layernorm(module):
             raise ValueError(f"normswap metadata lists {full} as a LayerNorm to swap, but it is a {type(module).__name__}")
         cls = CenteredRMSNorm if name in recentered else RMSNorm
         parent_name, _, child = full.rpartition(".")
@@ -174,6 +232,8 @@ class NormswapMixin:
         meta = getattr(config, "normswap", None)
         if isinstance(meta, dict) and meta.get("swapped_norms"):
             swap_layernorms_(self, meta["swapped_norms"], meta.get("recentered_norms") or ())
+        if isinstance(meta, dict) and meta.get("recentered_writers"):
+            install_recentering_(self, meta["recentered_writers"])
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
