@@ -203,7 +203,7 @@ class VerificationResult:
                 parts.append(f"zero-mean check of the {len(exact)} exact norm inputs {ok} "
                              f"(max |mean|/rms {self._worst_exact_mean():.1e})")
             return "; ".join(parts)
-        ratio = f"{self.ratio:.2g}×" if self.ratio is not None else "n/a"
+        ratio = f"{self.ratio:.3g}×" if self.ratio is not None else "n/a"
         parts = [
             f"converted: {self.converted_error:.1e} from the float64 original; the original in {dt}: "
             f"{self.original_error:.1e} (converted/original {ratio}, bound {self.tolerance:.1e})",

@@ -269,7 +269,8 @@ def test_card_front_matter_and_figures(outputs):
     ver = json.loads((path / "config.json").read_text())["normswap"]["verification"]
     assert "**PASSED**" in text
     for figure in (f"{ver['max_abs_diff']:.3e}", f"{ver['rel_max_abs_diff']:.3e}", f"{ver['kl']:.3e}",
-                   f"{100 * ver['top1_agreement']:.2f}%", f"{ver['tolerance']:.0e}"):
+                   f"{100 * ver['top1_agreement']:.2f}%", f"{ver['tolerance']:.1e}", f"{ver['converted_error']:.1e}",
+                   f"{ver['original_error']:.1e}", "from the float64 original; the original in fp32"):
         assert figure in text
     assert 'AutoModelForCausalLM.from_pretrained("path/to/gpt2", trust_remote_code=True)' in text
     assert 'AutoModelForCausalLM.from_pretrained("path/to/gpt2")' in text

@@ -250,14 +250,15 @@ def test_shards_respect_the_size_limit_and_the_index_is_complete(tmp_path):
 
 
 def test_sampled_verification_on_a_truncated_model(tmp_path):
+    """verify="sample" is kept for old callers: every block is verified now (issue 12), one module at a time."""
     src = save_sharded(make_model("gpt2", n_layer=4), tmp_path / "src")
     result = convert_streaming(src, tmp_path / "out", verify="sample", progress=False)
     v = result.report.verification
     assert v.passed and v.rel_max_abs_diff < 1e-5
-    assert "layers 0, 3 of 4" in v.probe and "sampled" in result.verification_scope
+    assert v.blocks_checked == 4 and "all 4 blocks" in result.verification_scope
     assert leftovers(tmp_path) == []
     stored = json.loads((result.path / "config.json").read_text())["normswap"]["verification"]
-    assert stored["passed"] and "sampled" in stored["probe"]
+    assert stored["passed"] and stored["reference"] == "float64" and stored["blocks_checked"] == 4
 
 
 def test_center_into_matches_whole_tensor_maths_in_small_slabs():

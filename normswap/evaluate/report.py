@@ -94,7 +94,14 @@ def markdown_table(report: dict) -> str:
     if report.get("throughput"):
         lines += _throughput_rows(report["throughput"])
     ver = report.get("verification") or {}
-    if ver:
+    if ver and ver.get("reference") == "float64":
+        dt = ver.get("dtype") or "saved dtype"
+        verdict = "approximate" if ver.get("mode") == "approximate" and ver.get("passed") else \
+            ("passed" if ver.get("passed") else "FAILED")
+        lines.append(f"| Verification: relative max Δ{ver.get('output_kind', 'logit')} from the float64 original, "
+                     f"both in {dt} | {ver.get('original_error', 0):.1e} | {ver.get('converted_error', 0):.1e} | "
+                     f"{verdict} |")
+    elif ver:
         lines.append(f"| Verification: max relative Δ{ver.get('output_kind', 'logit')} (tolerance "
                      f"{ver.get('tolerance', 0):.0e}) | | {ver.get('rel_max_abs_diff', 0):.2e} | "
                      f"{'passed' if ver.get('passed') else 'FAILED'} |")

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 import transformers
 
-from normswap.adapters import get_adapter
+from normswap.adapters import adapter_for_config
 from normswap.checkpoint import copy_preprocessing_files, model_class_for, parse_dtype
 from normswap.conversion import ConversionReport
 from normswap.errors import AlreadyRMSNormError, CheckpointError, NormswapError, NotExactError, VerificationError
@@ -189,14 +189,14 @@ def convert_streaming(
 ) -> StreamingResult:
     """Convert a safetensors checkpoint shard by shard into ``output`` (atomically) and verify it (exact mode only).
 
-    ``dtype`` casts floating tensors (default: keep each tensor's dtype). ``verify``: ``"auto"`` runs the full
-    before/after comparison when both models fit in a quarter of the available RAM, else a truncated model made of
-    the first and last layers, else nothing (the report says which); ``"full"``, ``"sample"``, ``"none"`` force one.
+    ``dtype`` casts floating tensors (default: keep each tensor's dtype). ``verify``: ``"auto"`` (or ``"full"``,
+    ``"sample"``) verifies every block against the source run in float64, reading one module's weights at a time
+    (:mod:`normswap.streaming.verification`); ``"none"`` skips it.
     A failed verification leaves no output unless ``force``. The work happens in ``.NAME.normswap-partial`` beside
     the output; if a run is interrupted, running it again keeps the shards it finished (``resume=False`` starts
     over), see :mod:`normswap.streaming.resume`. Peak memory is the largest writer tensor (twice when ``dtype``
     changes it), ~0.2 GB of aligned I/O buffers and ~0.45 GB of Python/torch/transformers, whatever the checkpoint
-    size; the verification phase, when it runs, loads the (possibly truncated) models on top of that.
+    size; the verification adds one module's weights in float64 (the head in chunks of rows) on top of that.
     """
     from normswap.streaming.verification import VERIFY_MODES, verify_streamed
 
@@ -212,8 +212,8 @@ def convert_streaming(
     config = load_config(folder)
     if isinstance(getattr(config, "normswap", None), dict):
         raise AlreadyRMSNormError(f"{folder} is already a normswap output (its config.json has 'normswap' metadata)")
-    adapter = get_adapter(config.model_type)
     model_cls = model_class_for(config)
+    adapter = adapter_for_config(config, model_cls)  # declared, else discovered on a small instance
     source = open_checkpoint(folder)
     plan = plan_streaming(config, model_cls, adapter, source.tensors.keys())
     if plan.approximate_norms:
@@ -269,8 +269,8 @@ def convert_streaming(
         report.notes.append(f"verification: {scope}")
         if verification is not None and not verification.passed and not force:
             raise VerificationError(
-                "verification failed, so nothing was saved: the streamed model does not match the original within "
-                f"tolerance ({verification.summary()}). Pass --force to save it anyway."
+                f"verification failed, so nothing was saved: {verification.first_failure or 'see the figures'} "
+                f"({verification.summary()}). Pass --force to save it anyway."
             )
         config_json["normswap"] = metadata()
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")

@@ -91,7 +91,10 @@ def run_at(model: nn.Module, dtype: torch.dtype, provider: Provider = memory_pro
         return tuple(_cast_value(a, dtype) for a in args), {k: _cast_value(v, dtype) for k, v in kwargs.items()}
 
     def post(module: nn.Module, _args, _kwargs, out):
-        for tensor, data in saved[id(module)].pop():
+        stack = saved.get(id(module))
+        if not stack:  # the forward failed before this module's pre-hook ran
+            return
+        for tensor, data in stack.pop():
             tensor.data = data
         first = _first_tensor(out)
         if trace.first_nonfinite is None and first is not None and first.is_floating_point() \
@@ -106,7 +109,7 @@ def run_at(model: nn.Module, dtype: torch.dtype, provider: Provider = memory_pro
                 module.forward = fwd
                 continue
             if _own_tensors(module):
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
                 handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
         yield trace
     finally:

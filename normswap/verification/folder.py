@@ -96,11 +96,12 @@ class FileWeights:
     def provider(self) -> Callable:
         def provide(name: str, current: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             entry = self.entry(name)
-            if entry is None:
-                if name in self.aliases:  # a parameter: it must come from the file
+            is_param = name in self.aliases
+            if entry is None or (not is_param and tuple(entry.shape) != tuple(current.shape)):
+                if is_param:  # a parameter must come from the file
                     raise CheckpointError(f"{self.checkpoint.folder} holds no tensor for {name} (looked for "
                                           f"{', '.join(self.names.candidates(name))})")
-                return current.to(dtype)  # a buffer the constructor built
+                return current.to(dtype)  # a buffer the constructor built (a legacy mask buffer is ignored)
             if tuple(entry.shape) != tuple(current.shape):
                 raise CheckpointError(f"{entry.name} in {self.checkpoint.folder} has shape {list(entry.shape)}, but "
                                       f"the config makes {name} {list(current.shape)}")
