@@ -205,12 +205,14 @@ def along_ones(diff: torch.Tensor, axis: int = -1, tol: float = 1e-9) -> bool:
     if scale == 0.0:
         return False
     centred = diff - diff.mean(dim=axis, keepdim=True)
-    return float(centred.abs().max()) <= tol * max(scale, 1.0)
+    return float(centred.abs().max()) <= tol * scale
 
 
 def same(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-9) -> bool:
     """Equal up to float64 rounding, relative to the larger magnitude."""
     if a.shape != b.shape:
         return False
-    scale = max(float(a.abs().max()) if a.numel() else 0.0, 1e-30)
-    return float((a - b).abs().max()) <= tol * max(scale, 1.0)
+    if a.numel() == 0:
+        return True
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
+    return float((a - b).abs().max()) <= tol * scale

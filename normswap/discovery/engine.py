@@ -27,6 +27,7 @@ from normswap.adapters.spec import Adapter
 from normswap.discovery import readers as _readers
 from normswap.discovery.capture import Trace, same, trace
 from normswap.discovery.norms import find_norms
+from normswap.discovery.probing import optional_probes
 from normswap.discovery.simulate import Fix, measure_fixes, norm_ratios
 from normswap.discovery.template import NormRole, WriterRole, build_adapter, module_lists, split_block
 from normswap.discovery.writers import (
@@ -138,6 +139,7 @@ class _Engine:
         t = self._tick("centring", t)
 
         fixes, tr, ratios = self._prune_nonlinear(fixes, tr, ratios, ln)
+        fixes, tr, ratios = self._prune_subsumed(fixes, feeds, tr, ratios, ln)
         findings, raw = self._classify(ln, ratios, tr, effects, fixes)
         swapped = {f.name for f in findings if f.status != "kept"}
         kept_fixes = [f for f in fixes if f.layout in ("recenter", "recenter_input", "writes_stream")
@@ -177,7 +179,9 @@ class _Engine:
     # --- writers ---------------------------------------------------------------------------------------------------
 
     def _effect_of(self, fix: Fix) -> Effect:
-        return self.effects.get(fix.name) or self.effects.get("input:" + fix.name) or Effect(fix.name, "module")
+        if fix.layout == "recenter_input":
+            return self.effects.get("input:" + fix.name) or Effect(fix.name, "input")
+        return self.effects.get(fix.name) or Effect(fix.name, "module")
 
     def _affine_fixes(self, effects: dict[str, Effect], norm_names: set[str]) -> tuple[list[Fix], dict[str, set]]:
         fixes, feeds = [], {}
@@ -226,6 +230,23 @@ class _Engine:
         nonlinear = [f for f in fixes if f.layout in ("recenter", "recenter_input")]
         exact = {n for n in ln if ratios[n] <= RATIO}
         for f in reversed(nonlinear[:-1]):
+            trial = [g for g in fixes if g != f]
+            _, tr2 = measure_fixes(self.model, self.probes, trial)
+            r2 = norm_ratios(tr2, ln)
+            if all(r2[n] <= RATIO for n in exact):
+                fixes, tr, ratios = trial, tr2, r2
+        return fixes, tr, ratios
+
+    def _prune_subsumed(self, fixes: list[Fix], feeds: dict[str, set], tr: Trace, ratios: dict[str, float],
+                        ln: list[str]):
+        """Drop affine writers whose stream a run-time re-centring already centres (Whisper's encoder positions are
+        added before ``layers.0``, whose input is re-centred): the minimal set is what gets declared."""
+        recentring = [f for f in fixes if f.layout in ("recenter", "recenter_input", "writes_stream")]
+        exact = {n for n in ln if ratios[n] <= RATIO}
+        for f in [f for f in fixes if f not in recentring]:
+            mine = feeds.get(f.name, set())
+            if not mine or not any(mine <= feeds.get(r.name, set()) for r in recentring):
+                continue
             trial = [g for g in fixes if g != f]
             _, tr2 = measure_fixes(self.model, self.probes, trial)
             r2 = norm_ratios(tr2, ln)
@@ -359,14 +380,20 @@ def discover(model: nn.Module, probes: dict | None = None, *, seed: int = 0) -> 
     from normswap.discovery.instance import probe_inputs
 
     work = prepare(model, seed)
-    if probes is None:
-        probes = probe_inputs(work)
-    probes = {k: v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-              for k, v in probes.items()}
+    # Modelling code that builds constants with the default dtype (XGLM's torch.full(finfo(float64).min)) would
+    # overflow in float32: the whole measurement runs with float64 as the default.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     try:
+        if probes is None:
+            probes = optional_probes(work, probe_inputs(work))
+        probes = {k: v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in probes.items()}
         return _Engine(work, probes, seed).run(getattr(work.config, "model_type", type(model).__name__))
     except DiscoveryError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model's own forward failed on the probes: say which and why
-        raise DiscoveryError(f"discovery could not run {type(model).__name__} on probe inputs "
-                             f"({', '.join(probes)}): {type(exc).__name__}: {exc}") from exc
+        raise DiscoveryError(f"discovery could not run {type(model).__name__} on probe inputs: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    finally:
+        torch.set_default_dtype(previous)

@@ -91,7 +91,7 @@ def fed_norms(ref: Trace, new: Trace, norms: list[str]) -> set[str]:
     fed = set()
     for n in norms:
         moved = [(a, b) for a, b in zip(ref.calls.get(n, []), new.calls.get(n, []), strict=False)
-                 if a.inp is not None and b.inp is not None and a.inp.shape == b.inp.shape and not same(a.inp, b.inp)]
+                 if a.inp is not None and b.inp is not None and a.inp.shape == b.inp.shape and not same(a.inp, b.inp, OUTPUT_TOL)]
         if moved and all(along_ones(b.inp - a.inp, -1, 1e-7) for a, b in moved):
             fed.add(n)
     return fed
