@@ -169,6 +169,10 @@ def patch_config(config: dict, version: str) -> tuple[dict, str]:
     if not stock_classes:
         raise CheckpointError(f"transformers has no model class for model type {model_type!r}")
     source = render_modeling_file(model_type, stock_classes, remote_only, version)
+    if isinstance(meta.get("removal"), dict):  # --to none|dyt: the replacement modules (normswap.removal)
+        from normswap.removal.remote import with_removal_code
+
+        source = with_removal_code(source, template_text())
 
     module = MODELING_FILE.removesuffix(".py")
     auto_map = {k: v for k, v in (config.get("auto_map") or {}).items()

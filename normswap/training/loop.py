@@ -30,6 +30,7 @@ from normswap.training.keep_centered import CenteredWriters, keep_centered_
 from normswap.training.losses import distillation_loss
 from normswap.training.metrics import evaluate
 from normswap.training.recipe import Recipe, load_recipe
+from normswap.training.removal_schedule import make_schedule, removal_summary, removed_norms
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class FinetuneResult:
     data: dict
     resumed_from_step: int | None = None
     history: list[dict] = field(default_factory=list)
+    #: Progressive norm removal: the step each replaced norm started to go, and the ramp length (None: not used).
+    removal: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +89,10 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
     if s_type != t_type:
         raise IncompatibleModelsError(f"teacher is a {t_type} model but the student is a {s_type}; distillation needs "
                                       "the original model the student was converted from")
-    s_sd, t_sd = student.state_dict(), teacher.state_dict()
+    # a replaced norm's own scalar (FixedScaleNorm.scale, DyT.alpha) has no counterpart in the original
+    extra = {f"{name}.{key}" for name in removed_norms(student) for key in ("scale", "alpha")}
+    s_sd = {k: v for k, v in student.state_dict().items() if k not in extra}
+    t_sd = teacher.state_dict()
     bad = [f"{k}: student {tuple(v.shape)} vs teacher {tuple(t_sd[k].shape)}"
            for k, v in s_sd.items() if k in t_sd and v.shape != t_sd[k].shape]
     only_s = sorted(set(s_sd) - set(t_sd))
@@ -117,8 +123,12 @@ def check_same_tokenizer(student_tok, teacher_tok) -> None:
 def select_trainable(model: nn.Module, mode: str, freeze: tuple[str, ...] = ()) -> list[nn.Parameter]:
     """Set requires_grad per the recipe's ``trainable`` and ``freeze``; return the trainable parameters (deduplicated)."""
     norm_params: dict[int, str] = {}
+    replaced = {id(m) for m in removed_norms(model).values()}
     for module in model.modules():
-        if isinstance(module, RMSNorm):
+        if id(module) in replaced:  # a removed LayerNorm: its gain (and DyT's alpha) count as the norm's gain
+            for pname, p in module.named_parameters(recurse=False):
+                norm_params[id(p)] = "bias" if pname == "bias" else "gain"
+        elif isinstance(module, RMSNorm):
             if module.weight is not None:
                 norm_params[id(module.weight)] = "gain"
             if module.bias is not None:
@@ -324,6 +334,7 @@ def finetune(
     raw_model = accelerator.unwrap_model(prepared)
     centered: CenteredWriters | None = keep_centered_(raw_model) if keep else None
 
+    schedule, replaced = make_schedule(raw_model, recipe.removal, recipe.steps)  # refused before any work
     work = Path(work_dir) if work_dir is not None else None
     start, history, before, elapsed, resumed_from = 0, [], None, 0.0, None
     if resume:
@@ -337,7 +348,7 @@ def finetune(
         raise ResumeError(f"{work} holds checkpoints of an earlier run; pass --resume to continue it, or --force "
                           "to discard them and start over")
 
-    if before is None:
+    if before is None:  # the converted model as given (removed norms fully replaced): the naive figures
         before = evaluate(raw_model, teacher, held_batches, recipe.family, accelerator.device)
         history.append({"step": 0, "eval": before})
     t0 = time.perf_counter() - elapsed
@@ -353,6 +364,8 @@ def finetune(
         bar = tqdm(total=recipe.steps, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
     try:
         for step in range(start, recipe.steps):
+            if schedule is not None:
+                schedule.apply(replaced, step)
             logs = _train_step(prepared, teacher, optimizer, scheduler, accelerator, recipe, plan, train, tokenizer,
                                step=step, causal=causal, params=params)
             if centered is not None:
@@ -377,8 +390,11 @@ def finetune(
         if bar is not None:
             bar.close()
 
+    for module in replaced.values():  # the schedule has ended: the replacements alone, as saved
+        module.blend = 1.0
     after = evaluate(raw_model, teacher, held_batches, recipe.family, accelerator.device)
     history.append({"step": recipe.steps, "eval": after})
+    removal = removal_summary(raw_model, replaced, schedule)
     accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # mixed precision patched forward: give it back
     if centered is not None:
         centered.recenter_()
@@ -389,7 +405,7 @@ def finetune(
         wall_time_s=wall, before=before, after=after, keep_centered=keep,
         data={"train_source": train.source, "train_examples": len(train), "epochs": plan.epoch(recipe.steps),
               "eval_source": held.source, "eval_examples": len(held)},
-        resumed_from_step=resumed_from, history=history,
+        resumed_from_step=resumed_from, history=history, removal=removal,
     )
 
 

@@ -96,6 +96,24 @@ class LossSpec:
 
 
 @dataclass(frozen=True)
+class RemovalSpec:
+    """Progressive LayerNorm removal for models converted with ``--to none|dyt`` (see docs/REMOVAL.md)."""
+
+    #: true: every replaced norm starts as the real LayerNorm (λ = 0) and is taken away on the schedule below;
+    #: false: the replacements are used as converted (λ = 1) from the first step.
+    progressive: bool = False
+    #: Groups in removal order, by the norm's name inside its block (``[ln_2, ln_1, ln_f]``); empty: automatic
+    #: (later-in-block norms first, norms outside the blocks last).
+    order: tuple[str, ...] = ()
+    #: Step at which the first norm starts to go.
+    start_step: int = 0
+    #: Steps between the starts of two consecutive norms.
+    gap_steps: int = 0
+    #: Steps over which one norm's λ ramps linearly from 0 to 1 (1: switched at once).
+    ramp_steps: int = 1
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything a fine-tuning run depends on; two runs with equal recipes and inputs are bit-identical."""
 
@@ -122,6 +140,7 @@ class Recipe:
     #: Keep residual writers zero-mean while training (``normswap.keep_centered_``) so an exactly converted model
     #: stays loadable by the stock LayerNorm class; ``auto``: on for exact conversions, off for approximate ones.
     keep_centered: typing.Literal["auto", "true", "false"] = "auto"
+    removal: RemovalSpec = field(default_factory=RemovalSpec)
     seed: int = 0
     name: str = ""
 
@@ -129,6 +148,7 @@ class Recipe:
         d = asdict(self)
         d["optimizer"]["betas"] = list(self.optimizer.betas)
         d["freeze"] = list(self.freeze)
+        d["removal"]["order"] = list(self.removal.order)
         return d
 
     def fingerprint(self) -> str:
@@ -139,6 +159,8 @@ class Recipe:
         d["data"].pop("eval_examples")
         d.pop("eval_every")
         d.pop("checkpoint_every")
+        if self.removal == RemovalSpec():  # recipes without removal keep the fingerprint they had before it existed
+            d.pop("removal")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -252,6 +274,12 @@ def validate(recipe: Recipe) -> Recipe:
         need(recipe.family != "masked-lm" or d.mlm_probability > 0,
              "loss.ce on a masked-lm recipe needs data.mlm_probability > 0 (the masked tokens are the labels)")
     need(d.mlm_probability == 0 or recipe.family == "masked-lm", "data.mlm_probability applies to masked-lm recipes")
+    r = recipe.removal
+    need(r.start_step >= 0 and r.gap_steps >= 0, f"removal.start_step and removal.gap_steps must be >= 0, got "
+         f"{r.start_step} and {r.gap_steps}")
+    need(r.ramp_steps >= 1, f"removal.ramp_steps must be >= 1 (1 = switch at once), got {r.ramp_steps}")
+    need(r.progressive or r == RemovalSpec(),
+         "removal.order/start_step/gap_steps/ramp_steps only apply with removal.progressive: true")
     return recipe
 
 
