@@ -7,6 +7,7 @@ remove the BatchNorms (``batchnorm_folded`` in the config's ``normswap`` block s
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -18,7 +19,14 @@ from normswap.batchnorm.discover import Discovery, FoldPair, batchnorm_modules, 
 from normswap.batchnorm.fold import fold_into_stored_form_
 from normswap.errors import NormswapError
 from normswap.surgery import check_finite
-from normswap.verify import VerificationResult, make_probes, model_dtype, reference_outputs, verify
+from normswap.verify import (
+    VerificationResult,
+    make_probes,
+    model_dtype,
+    primary_output,
+    reference_outputs,
+    verify,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +114,15 @@ class BatchNormReport:
         return "\n".join(lines)
 
 
+def float64_outputs(model: nn.Module, probes: dict) -> torch.Tensor:
+    """The primary output of a float64 copy of ``model``: the reference both fp32 models are measured against."""
+    twin = copy.deepcopy(model).double().eval()
+    inputs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in probes.items()}
+    out = primary_output(twin(**inputs)).detach().double().cpu()
+    del twin
+    return out
+
+
 def check_inference_semantics(model: nn.Module, keep_batch_stats: bool = False) -> None:
     """Refuse, with the reason, any request whose BatchNorms must go on using batch statistics."""
     if keep_batch_stats:
@@ -167,6 +184,7 @@ def fold_batchnorms_(
     if not found.pairs:
         raise NothingToFoldError(nothing_to_fold_message(model, found.kept))
     reference = reference_outputs(model, probes) if verify_result else None
+    truth = float64_outputs(model, probes) if verify_result else None
     for pair in found.pairs:
         fold_into_stored_form_(model.get_submodule(pair.into), model.get_submodule(pair.batchnorm))
     report = BatchNormReport(model_type=getattr(model.config, "model_type", type(model).__name__),
@@ -177,7 +195,15 @@ def fold_batchnorms_(
         if tolerance is None:
             tolerance = FOLD_TOLERANCE.get(model_dtype(model), 1e-4)
         desc = "tokenizer text + random ids" if tokenizer is not None else "random inputs"
-        report.verification = verify(model, probes, reference, {}, tolerance=tolerance, probe_desc=desc)
+        report.verification = ver = verify(model, probes, reference, {}, tolerance=tolerance, probe_desc=desc)
+        scale = float(truth.abs().max()) or 1.0
+        ver.dtype = str(model_dtype(model)).removeprefix("torch.")
+        ver.original_error = float((reference - truth).abs().max()) / scale
+        ver.converted_error = float((primary_output(model(**probes)).double().cpu() - truth).abs().max()) / scale
+        ver.ratio = ver.converted_error / ver.original_error if ver.original_error else None
+        report.notes.append(
+            f"against the original run in float64: folded {ver.converted_error:.1e}, original in {ver.dtype} "
+            f"{ver.original_error:.1e} (relative max |Δ|)")
         if not report.verification.passed:
             logger.warning("verification failed: %s", report.verification.summary())
     source_id = getattr(model.config, "_name_or_path", None) or None

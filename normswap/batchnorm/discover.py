@@ -189,9 +189,28 @@ def discover(model: nn.Module, probes: dict) -> Discovery:
     finally:
         for h in handles:
             h.remove()
+        _detach_caches(model)
         for p, flag in params.items():
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def _detach_caches(model: nn.Module) -> None:
+    """Detach tensors a forward cached on modules (LeViT's attention-bias cache) while gradients were on.
+
+    They keep their values; left attached they would pin the probe's autograd graph and make the model impossible
+    to deep-copy ("only graph leaves support deepcopy").
+    """
+    for m in model.modules():
+        for key, value in list(vars(m).items()):
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                m.__dict__[key] = value.detach()
+            elif isinstance(value, dict):
+                for k, v in list(value.items()):
+                    if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                        value[k] = v.detach()
 
 
 def _weight_owners(model: nn.Module) -> Counter:
