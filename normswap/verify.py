@@ -157,6 +157,8 @@ class VerificationResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["norm_inputs"] = {k: asdict(v) for k, v in self.norm_inputs.items()}
+        if self.reference == "float64":  # the figures in words, for config.json readers
+            d["summary"] = self.summary()
         return d
 
     def _worst_exact_mean(self) -> float:

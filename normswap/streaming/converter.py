@@ -58,6 +58,8 @@ class StreamingResult:
     path: Path
     stats: StreamingStats
     verification_scope: str = ""
+    #: Wall time of the verification alone (the conversion's own time is ``stats.seconds``).
+    verification_seconds: float = 0.0
 
 
 def peak_rss() -> int:
@@ -264,7 +266,9 @@ def convert_streaming(
         copy_preprocessing_files(folder, tmp)
         report.notes.append(stats.summary())
 
+        verify_started = time.perf_counter()
         verification, scope = verify_streamed(folder, tmp, plan, source, mode=verify, tolerance=tolerance)
+        verify_seconds = time.perf_counter() - verify_started
         report.verification = verification
         report.notes.append(f"verification: {scope}")
         if verification is not None and not verification.passed and not force:
@@ -277,4 +281,4 @@ def convert_streaming(
         write_publish_files(SimpleNamespace(config=SimpleNamespace(normswap=config_json["normswap"])), tmp,
                             source_dir=folder, name=target.name)  # card, remote code, auto_map: as normswap.save
         _fsync_small_files(tmp)
-    return StreamingResult(report, target, stats, scope)
+    return StreamingResult(report, target, stats, scope, verify_seconds)
