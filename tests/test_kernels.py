@@ -360,6 +360,13 @@ class _GraphRecorder:
                 if n.op == "call_function"}
 
 
+def test_compiling_uses_composite_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While dynamo traces, auto dispatch hands inductor plain ops it can fuse with the residual add."""
+    monkeypatch.delenv("NORMSWAP_KERNEL", raising=False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert selected_backend(torch.randn(4, 16)) == "composite"
+
+
 def test_torch_compile_full_graph(monkeypatch: pytest.MonkeyPatch, gen: torch.Generator) -> None:
     """A real dynamo trace of the module (eager backend keeps it fast): no graph break, same numbers."""
     monkeypatch.delenv("NORMSWAP_KERNEL", raising=False)
@@ -375,10 +382,10 @@ def test_torch_compile_full_graph(monkeypatch: pytest.MonkeyPatch, gen: torch.Ge
 def test_torch_compile_records_the_operator(
     monkeypatch: pytest.MonkeyPatch, fused_available: bool, gen: torch.Generator, dtype: torch.dtype
 ) -> None:
-    """A real dynamo trace of the module: one graph (fullgraph), holding normswap::rms_norm, same numbers as eager."""
+    """NORMSWAP_KERNEL=fused under dynamo: one graph (fullgraph) holding normswap::rms_norm, eager's numbers exactly."""
     if not fused_available:
         pytest.skip("fused extension unavailable")
-    monkeypatch.delenv("NORMSWAP_KERNEL", raising=False)
+    monkeypatch.setenv("NORMSWAP_KERNEL", "fused")
     torch._dynamo.reset()
     norm = RMSNorm(48, dtype=dtype)
     with torch.no_grad():
@@ -401,7 +408,7 @@ def test_torch_compile_trains_through_the_fused_backward(
         pytest.skip("fused extension unavailable")
     from torch._dynamo.backends.common import aot_autograd
 
-    monkeypatch.delenv("NORMSWAP_KERNEL", raising=False)
+    monkeypatch.setenv("NORMSWAP_KERNEL", "fused")
     torch._dynamo.reset()
     recorder = _GraphRecorder(boxed=True)
     backend = aot_autograd(fw_compiler=recorder, bw_compiler=recorder)
@@ -417,9 +424,10 @@ def test_torch_compile_trains_through_the_fused_backward(
     torch._dynamo.reset()
 
 
-def test_torch_compile_composite_when_forced(monkeypatch: pytest.MonkeyPatch, gen: torch.Generator) -> None:
-    """NORMSWAP_KERNEL=composite hands the compiler plain ops (for inductor to fuse with their neighbours)."""
-    monkeypatch.setenv("NORMSWAP_KERNEL", "composite")
+@pytest.mark.parametrize("forced", ["composite", "auto"])
+def test_torch_compile_composite(monkeypatch: pytest.MonkeyPatch, gen: torch.Generator, forced: str) -> None:
+    """By default (and when forced) the compiler gets plain ops, for inductor to fuse with their neighbours."""
+    monkeypatch.setenv("NORMSWAP_KERNEL", forced)
     torch._dynamo.reset()
     norm = RMSNorm(48)
     recorder = _GraphRecorder()
