@@ -17,7 +17,10 @@ from torch import nn
 
 import normswap
 from normswap.adapters import get_adapter
+from normswap.checkpoint import load_source
+from normswap.errors import CheckpointError
 from normswap.norm import CenteredRMSNorm, RMSNorm, is_layernorm_like
+from normswap.streaming import convert_streaming
 from normswap.streaming.plan import plan_streaming
 from normswap.structure import resolve
 from normswap.training.keep_centered import keep_centered_, residual_writers
@@ -216,3 +219,76 @@ def test_structure_resolves_every_stack_of_an_encoder_decoder():
     decoder_only = T.WhisperForCausalLM(model.config)
     s = resolve(decoder_only, get_adapter("whisper"))
     assert set(s.block_lists) == {"model.decoder.layers"} and "model.encoder.layers" in s.skipped_optional
+
+
+# --- streaming: the same conversion from the checkpoint's keys --------------------------------------------------
+
+
+def _read(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return tensors
+
+
+def _in_memory(src, out):
+    source = load_source(src, dtype="float32")
+    report = normswap.convert_(source.model, verify_result=False)
+    source.model.config.normswap = report.metadata(str(src), None, "float32")
+    return normswap.save(source.model, out, source_dir=src)
+
+
+@pytest.mark.parametrize("row", ["dinov2", "whisper", "cohere", "olmo", "clip_vision_model", "mbart"])
+def test_streaming_equals_in_memory_for_the_new_structures(row, tmp_path):
+    """LayerScale folded (scale keys written as ones), Conv stems, run-time re-centrings recorded in the metadata."""
+    model = make(row)
+    model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    streamed = convert_streaming(tmp_path / "src", tmp_path / "streamed", verify="none", progress=False)
+    memory = _in_memory(tmp_path / "src", tmp_path / "memory")
+    a, b = _read(memory), _read(streamed.path)
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
+    for k in a:
+        assert float((a[k].double() - b[k].double()).abs().max()) <= 1e-6 * max(float(a[k].abs().max()), 1e-30), k
+    meta_s = json.loads((streamed.path / "config.json").read_text())["normswap"]
+    meta_m = json.loads((memory / "config.json").read_text())["normswap"]
+    for key in ("swapped_norms", "recentered_norms", "recentered_writers", "approximate_norms", "untied_head"):
+        assert meta_s[key] == meta_m[key], key
+    probes = make_probes(model, seq_len=12)
+    ref = outputs(model, probes)
+    compare(normswap.load(streamed.path), ref, probes, get_adapter(model.config.model_type).raw_stream_outputs)
+
+
+def test_streaming_refuses_nan_in_a_tensor_it_only_copies(tmp_path):
+    model = make("gpt2")
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_attn.weight[3, 5] = float("nan")  # a reader: copied, not centred
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(CheckpointError, match="c_attn.weight contains NaN"):
+        convert_streaming(tmp_path / "src", tmp_path / "out", verify="none", progress=False)
+    assert not (tmp_path / "out").exists()
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # the re-typing path checks too
+    with pytest.raises(CheckpointError, match="NaN"):
+        convert_streaming(tmp_path / "bf16", tmp_path / "out", dtype="float32", verify="none", progress=False)
+
+
+def test_streaming_a_head_checkpoint_whose_config_has_no_architectures(tmp_path):
+    """transformers strips ``gpt_neox.`` when the bare base class loads a head checkpoint; streaming does too."""
+    model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64))
+    model.save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    assert "gpt_neox.embed_in.weight" in _read(tmp_path / "src")
+    streamed = convert_streaming(tmp_path / "src", tmp_path / "streamed", verify="none", progress=False)
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        ref = model.gpt_neox(input_ids=ids).last_hidden_state
+        got = normswap.load(streamed.path)(input_ids=ids).last_hidden_state
+    assert rel(got, ref) <= TOL
+    memory = _in_memory(tmp_path / "src", tmp_path / "memory")
+    a, b = _read(memory), _read(streamed.path)
+    assert set(a) == set(b) and "embed_in.weight" in b and "embed_out.weight" not in b
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

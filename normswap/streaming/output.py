@@ -43,8 +43,10 @@ class OutputTensor:
     key: str
     source: TensorEntry
     dtype: str  # safetensors code of the output
-    action: str  # "copy" (same bytes), "cast" (re-typed only) or "center" (a writer)
+    action: str  # "copy" (same bytes), "cast" (re-typed only), "center" (a writer) or "ones" (a folded LayerScale)
     layout: str | None = None
+    #: The LayerScale folded into this writer tensor before centring (its bytes are read alongside).
+    scale: TensorEntry | None = None
     file: str = ""
     offset: int = 0  # absolute offset in the output file
 
@@ -72,20 +74,25 @@ def output_code(entry: TensorEntry, out_dtype: torch.dtype | None) -> str:
 
 
 def plan_tensors(source: SourceCheckpoint, plan: StreamPlan, out_dtype: torch.dtype | None) -> list[OutputTensor]:
-    """Every output tensor in source order (the untied head right after the embedding it is copied from)."""
+    """Every output tensor in source order (untied copies right after the tensor they are copied from)."""
     dropped = set(plan.dropped)
     out: list[OutputTensor] = []
     for key, entry in source.tensors.items():
         if key in dropped:
             continue
         code = output_code(entry, out_dtype)
-        if key in plan.center:
+        if key in plan.ones:
+            action = "ones"
+        elif key in plan.center:
             action = "center"
         else:
             action = "copy" if code == entry.dtype else "cast"
-        out.append(OutputTensor(plan.names.output_key(key), entry, code, action, plan.center.get(key)))
-        if plan.tied_head and plan.tied_head[1] == key:
-            out.append(OutputTensor(plan.tied_head[0], entry, code, "copy" if code == entry.dtype else "cast"))
+        scale = source.tensors[plan.scale_of[key]] if key in plan.scale_of else None
+        out.append(OutputTensor(plan.names.output_key(key), entry, code, action, plan.center.get(key), scale))
+        for target, source, layout in plan.tied_copies:  # untied copies right after their source
+            if source == key:
+                copy = "center" if layout else "copy" if code == entry.dtype else "cast"
+                out.append(OutputTensor(target, entry, code, copy, layout))
     return out
 
 

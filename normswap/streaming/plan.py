@@ -131,8 +131,10 @@ class StreamPlan:
     norm_keys: list[str] = field(default_factory=list)
     skipped_optional: list[str] = field(default_factory=list)
     not_exact_reasons: list[str] = field(default_factory=list)
-    #: (output key, source file key) of a head that is tied to (absent from the file and equal to) an embedding
-    tied_head: tuple[str, str] | None = None
+    #: (output key, source file key, layout or None) of each tensor tied to another and absent from the file: the
+    #: in-memory path unties it into its own copy, centred when it is a writer (M2M100/mBART encoder and decoder
+    #: token tables), kept as is otherwise (the LM head).
+    tied_copies: list[tuple[str, str, str | None]] = field(default_factory=list)
     #: The config ties the head, so the output config must say it no longer does.
     untie_config: bool = False
     kept_norms: list[str] = field(default_factory=list)
@@ -143,6 +145,11 @@ class StreamPlan:
     @property
     def approximate_norms(self) -> list[str]:
         return [n.name for n in self.norms if not n.exact]
+
+    @property
+    def tied_head(self) -> tuple[str, str] | None:
+        """(output key, source file key) of the first untied copy that is not a writer (the LM head), if any."""
+        return next(((out, src) for out, src, layout in self.tied_copies if layout is None), None)
 
 
 def _ignored_on_load(model_cls: type, keys: set[str], protected: set[str]) -> list[str]:
@@ -161,17 +168,22 @@ def _ignored_on_load(model_cls: type, keys: set[str], protected: set[str]) -> li
 def skeleton(model_cls: type, config: object) -> nn.Module:
     """The model's module tree on the meta device (no memory, no weights): what the resolver reads names from."""
     with torch.device("meta"):
-        if hasattr(model_cls, "_from_config"):
+        if isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel):
             return model_cls._from_config(config)
         return model_cls.from_config(config)  # an Auto class (config without ``architectures``)
 
 
-def _tensor_keys(model: nn.Module, names: NameMap, loaded: str, what: str, model_type: str) -> list[tuple[str, str]]:
-    """(file key, leaf name) of every parameter of module ``loaded`` in the skeleton; each must be in the file."""
+def _tensor_keys(model: nn.Module, names: NameMap, loaded: str, what: str, model_type: str,
+                 tied: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(file key, leaf name) of every parameter of module ``loaded`` in the skeleton; each must be in the file,
+    or be an absent tie target (``tied``: loaded name -> source file key), returned as ``(None, loaded name)``."""
     module = model.get_submodule(loaded)
     found = []
     for leaf, _ in module.named_parameters(recurse=False):
         key = names.find(f"{loaded}.{leaf}")
+        if key is None and tied and f"{loaded}.{leaf}" in tied:
+            found.append((None, f"{loaded}.{leaf}"))
+            continue
         if key is None:
             raise CheckpointError(
                 f"{model_type} checkpoint has no tensor for {what} {loaded}.{leaf} (looked for "
@@ -180,6 +192,27 @@ def _tensor_keys(model: nn.Module, names: NameMap, loaded: str, what: str, model
             )
         found.append((key, leaf))
     return found
+
+
+def _absent_ties(config: object, model: nn.Module, names: NameMap, plan: StreamPlan) -> dict[str, str]:
+    """{loaded name: source file key} of every tied tensor the file leaves out (saved once, under its source).
+
+    The in-memory path unties them all (``untie_head_``), so each gets its own copy in the output, saved under its
+    loaded name (save_pretrained only re-applies legacy spellings it met on load: GPT-NeoX ``lm_head.weight``).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # the live mapping (every sub-model's ties: mBART's encoder/decoder tables too), else the class-level one
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(type(model), "_tied_weights_keys", None)
+    absent: dict[str, str] = {}
+    if getattr(text, "tie_word_embeddings", False) and isinstance(tied, dict):
+        for target, source in tied.items():
+            source_key = names.find(source)
+            if source_key is None:
+                continue
+            plan.untie_config = True
+            if names.find(target) is None:
+                absent[target] = source_key
+    return absent
 
 
 def plan_streaming(config: object, model_cls: type, adapter: Adapter, keys) -> StreamPlan:
@@ -203,6 +236,7 @@ def plan_streaming(config: object, model_cls: type, adapter: Adapter, keys) -> S
     plan = StreamPlan(adapter, names, first_list, not_exact_reasons=list(structure.not_exact_reasons),
                       skipped_optional=list(structure.skipped_optional))
 
+    absent_ties = _absent_ties(config, model, names, plan)
     for w in structure.writers:
         if w.recenter is not None:
             plan.recentered_writers[w.name] = w.recenter
@@ -218,7 +252,7 @@ def plan_streaming(config: object, model_cls: type, adapter: Adapter, keys) -> S
                 )
             tensors = [(key, "param")]
         else:
-            tensors = _tensor_keys(model, names, w.name, "writer", adapter.model_type)
+            tensors = _tensor_keys(model, names, w.name, "writer", adapter.model_type, absent_ties)
         scale_key = None
         if w.scale:
             scale_key = names.find(w.scale)
@@ -227,6 +261,9 @@ def plan_streaming(config: object, model_cls: type, adapter: Adapter, keys) -> S
             plan.ones.append(scale_key)
         plan.centered_writers.append(w.name)
         for key, leaf in tensors:
+            if key is None:  # a tied copy the in-memory path unties and centres: centred from its source
+                plan.tied_copies.append((leaf, absent_ties.pop(leaf), w.layout))
+                continue
             plan.center[key] = "bias" if leaf == "bias" else w.layout
             if scale_key is not None:
                 plan.scale_of[key] = scale_key
@@ -236,26 +273,7 @@ def plan_streaming(config: object, model_cls: type, adapter: Adapter, keys) -> S
         plan.norms.append(PlannedNorm(n.name, n.exact, n.writes_stream))
         plan.norm_keys.extend(k for k, _ in tensors)
 
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    tied = getattr(type(model), "_tied_weights_keys", None)
-    if getattr(text, "tie_word_embeddings", False) and isinstance(tied, dict):
-        absent = []
-        for target, source in tied.items():
-            source_key = names.find(source)
-            if source_key is None:
-                continue
-            plan.untie_config = True
-            if names.find(target) is None:
-                # save_pretrained only re-applies legacy spellings it met on load, so a head that was not in the
-                # file is saved under its loaded name (GPT-NeoX: lm_head.weight, not embed_out.weight).
-                absent.append((target, source_key))
-        if len(absent) > 1:
-            raise CheckpointError(
-                f"this {adapter.model_type} checkpoint stores one tensor for {len(absent)} tied ones "
-                f"({', '.join(t for t, _ in absent)}); streaming unties one head only: convert it in memory"
-            )
-        plan.tied_head = absent[0] if absent else None
-
+    plan.tied_copies.extend((target, source, None) for target, source in absent_ties.items())
     protected = set(plan.center) | set(plan.norm_keys) | set(plan.ones)
     outside = {k for k in keys if names.outside_base(k)}
     plan.dropped = sorted(set(_ignored_on_load(type(model), keys, protected)) | outside)

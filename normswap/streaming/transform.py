@@ -79,19 +79,32 @@ def _check_finite(result: torch.Tensor, hidden: int, name: str) -> None:
         )
 
 
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Refuse a tensor with NaN/Inf (copied and re-typed tensors too, as the in-memory path checks every one)."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(
+            f"tensor {name} contains NaN/Inf value(s); the source checkpoint is damaged or was saved mid-divergence. "
+            "Fix or re-download it; normswap will not convert non-finite weights."
+        )
+
+
 @torch.no_grad()
 def center_into(src: torch.Tensor, layout: str, out: torch.Tensor, name: str = "tensor",
-                slab_elements: int = SLAB_ELEMENTS) -> None:
+                slab_elements: int = SLAB_ELEMENTS, scale: torch.Tensor | None = None) -> None:
     """Write the centred ``src`` into ``out`` (same shape; ``out`` may be ``src`` itself), slab by slab.
 
-    ``layout`` is a :data:`normswap.maths.HIDDEN_AXIS` key, or ``"bias"`` for a writer's bias.
+    ``layout`` is a :data:`normswap.maths.HIDDEN_AXIS` key, or ``"bias"`` for a writer's bias. ``scale`` is a
+    LayerScale (indexed along the hidden axis) folded in before centring, as :func:`normswap.maths.center_scaled`.
     """
     if out.shape != src.shape:
         raise ValueError(f"{name}: output shape {tuple(out.shape)} differs from input {tuple(src.shape)}")
     stage = stage_dtype(src.dtype)
+    if scale is not None:
+        check_finite(scale, name + " (its LayerScale)")
     if layout == "bias" or src.dim() < 2 or src.numel() <= slab_elements:
-        result = maths.center_bias(src) if layout == "bias" else maths.center_weight(src, layout)
-        _check_finite(result, -1 if layout == "bias" else maths.HIDDEN_AXIS[layout] % max(src.dim(), 1), name)
+        axis = -1 if layout == "bias" else maths.HIDDEN_AXIS[layout] % max(src.dim(), 1)
+        result = maths.center_scaled(src, axis, scale)
+        _check_finite(result, axis, name)
         _store(result, out, stage)
         return
     hidden = maths.HIDDEN_AXIS[layout] % src.dim()
@@ -101,7 +114,7 @@ def center_into(src: torch.Tensor, layout: str, out: torch.Tensor, name: str = "
 
     def slab(start: int) -> None:
         length = min(step, src.shape[axis] - start)
-        result = maths.center_weight(src.narrow(axis, start, length), layout)
+        result = maths.center_scaled(src.narrow(axis, start, length), hidden, scale)
         _check_finite(result, hidden, name)
         _store(result, out.narrow(axis, start, length), stage)
 

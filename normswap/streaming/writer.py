@@ -25,7 +25,7 @@ from normswap.streaming import direct_io
 from normswap.streaming.direct_io import ALIGN, ShardAppender, SourceReader
 from normswap.streaming.output import OutputShard, OutputTensor
 from normswap.streaming.safetensors_io import TORCH_DTYPES, Scratch
-from normswap.streaming.transform import cast_into, center_into, single_threaded
+from normswap.streaming.transform import cast_into, center_into, check_finite, single_threaded
 
 #: Elements per step when a tensor is only re-typed (16 MB of float32).
 CAST_CHUNK = 4 * 2**20
@@ -108,13 +108,17 @@ class ShardWriter:
         entry = t.source
         reader = self._reader(entry.file)
         if t.action == "copy":  # straight from the read window into the output chunk
-            done = 0
+            done, item = 0, entry.nbytes // max(entry.numel, 1)
             while done < entry.nbytes:
                 room = out.writable()
                 n = min(room.numel(), entry.nbytes - done)
                 reader.read_into(entry.offset + done, room[:n])
+                if entry.torch_dtype.is_floating_point and done % item == 0 and n % item == 0:
+                    check_finite(room[:n].view(entry.torch_dtype), entry.name)  # as the in-memory path, every tensor
                 out.commit(n)
                 done += n
+        elif t.action == "ones":  # a LayerScale folded into its writer: its key stays, as ones
+            out.append(_bytes(torch.ones(entry.shape, dtype=TORCH_DTYPES[t.dtype])))
         elif t.action == "cast":  # re-typing only (--dtype), in bounded pieces
             out_dtype, item, in_item = TORCH_DTYPES[t.dtype], t.nbytes // max(entry.numel, 1), entry.nbytes // max(
                 entry.numel, 1)
@@ -122,6 +126,7 @@ class ShardWriter:
                 count = min(CAST_CHUNK, entry.numel - start)
                 raw = self.inputs.get(count * in_item)
                 reader.read_into(entry.offset + start * in_item, raw)
+                check_finite(raw.view(entry.torch_dtype), entry.name)
                 converted = self.outputs.typed(count * item, out_dtype, (count,))
                 cast_into(raw.view(entry.torch_dtype), converted)
                 out.append(_bytes(converted))
@@ -131,7 +136,12 @@ class ShardWriter:
             weight = raw.view(entry.torch_dtype).view(entry.shape)
             out_dtype = TORCH_DTYPES[t.dtype]
             result = weight if out_dtype == weight.dtype else self.outputs.typed(t.nbytes, out_dtype, entry.shape)
-            center_into(weight, t.layout, result, name=entry.name)
+            scale = None
+            if t.scale is not None:  # a LayerScale is a few KB: read it whole
+                buf = torch.empty(t.scale.nbytes, dtype=torch.uint8)
+                self._reader(t.scale.file).read_into(t.scale.offset, buf)
+                scale = buf.view(t.scale.torch_dtype).view(t.scale.shape)
+            center_into(weight, t.layout, result, name=entry.name, scale=scale)
             out.append(_bytes(result))
         self.stats.bytes_read += entry.nbytes
         self.stats.bytes_written += t.nbytes
