@@ -105,7 +105,8 @@ def _remove(path: Path) -> None:
 
 def replace_target(finished: Path, target: Path) -> None:
     """Move a finished folder into place; an existing target (folder, file or link) is moved aside first and removed
-    only afterwards, and put back if the final rename fails."""
+    only afterwards, and put back if the final rename fails. The finished folder first gets umask permissions."""
+    apply_umask(finished)
     old = None
     if target.exists() or target.is_symlink():
         old = target.with_name(f".{target.name}.normswap-old-{os.getpid()}")
@@ -157,7 +158,8 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder beside ``path``; rename it into place only if the block finishes.
 
     A crash or Ctrl-C leaves the target untouched (no half-written output); an existing non-empty target is refused
-    unless ``overwrite``. The finished folder gets umask permissions, like any folder the user makes.
+    unless ``overwrite``. The finished folder gets umask permissions, like any folder the user makes (in
+    :func:`replace_target`, which the streaming path shares).
     """
     target = Path(path).resolve()
     check_output_target(target, overwrite)
@@ -170,7 +172,6 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
             if full is not None:
                 raise full from exc
             raise
-        apply_umask(tmp)
         replace_target(tmp, target)
     finally:
         if tmp.exists():

@@ -130,6 +130,28 @@ def _configure_logging(verbose: bool) -> None:
         library = logging.getLogger(name)
         if library.handlers:
             library.propagate = False
+    if not _interactive():
+        _no_library_progress_bars()
+
+
+def _interactive() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _no_library_progress_bars() -> None:
+    """Loading/saving bars are for a person at a terminal; in a log or a pipe they are noise around the one line
+    that matters (an error, or the result)."""
+    try:
+        import transformers.utils.logging as tf_logging
+        from huggingface_hub.utils import disable_progress_bars
+
+        tf_logging.disable_progress_bar()
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - both ship with transformers
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

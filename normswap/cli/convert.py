@@ -53,11 +53,12 @@ def run(args: argparse.Namespace) -> int:
     import normswap
     from normswap.checkpoint import load_source, parse_dtype
     from normswap.cli import say
-    from normswap.outputs import check_output_not_source, probe_output_location
+    from normswap.outputs import check_output_not_source, check_output_target, probe_output_location
 
     src = resolve_model(args.src, args.revision)
     out = Path(args.output).expanduser() if args.output else default_output(src)
     check_output_not_source(out, src)  # before anything runs: the in-memory and streaming paths alike
+    check_output_target(out.resolve(), args.force)
     probe_output_location(out)
     streamed = maybe_run_streaming(args, src, out)  # --streaming, or automatic for checkpoints too big for RAM
     if streamed is not None:

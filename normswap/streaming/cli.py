@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from normswap.cli import say
 from normswap.errors import NormswapError
 from normswap.streaming.converter import AUTO_STREAM_RAM_FRACTION, convert_streaming, streaming_reason
 from normswap.streaming.output import DEFAULT_MAX_SHARD_SIZE, parse_size
-
 
 #: argparse %-formats help strings, so the percent sign is written %% there (a bare % crashed `convert --help`).
 AUTO_STREAM_RAM_PERCENT = round(100 * AUTO_STREAM_RAM_FRACTION)
@@ -65,7 +65,7 @@ def maybe_run_streaming(args: argparse.Namespace, src: str, out) -> int | None:
     args.interrupted_hint = (" (the finished shards are kept: run the same command again to resume, or add "
                              "--no-resume to start over)")
     result = convert_streaming(src, out, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
-                               tolerance=args.tolerance, revision=args.revision, progress=True,
+                               tolerance=args.tolerance, revision=args.revision, progress=sys.stderr.isatty(),
                                resume=not args.no_resume)
     say(args, result.report.summary())
     if not getattr(args, "no_eval", True):
