@@ -196,6 +196,30 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def tiny_table(seeds: int) -> str:
+    """Both errors against the float64 original for every registered tiny row, at fp32, bf16 and fp16."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny_models import EXACT_ROWS, make
+
+    import normswap
+
+    dtypes = [(torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")]
+    lines = ["| row | " + " | ".join(f"{n}: original / converted (ratio)" for _, n in dtypes) + " |",
+             "|---|" + "---|" * len(dtypes)]
+    for row in sorted(EXACT_ROWS):
+        cells = []
+        for dtype, _ in dtypes:
+            o = c = 0.0
+            for seed in range(seeds):  # worst over the seeds
+                v = normswap.convert_(make(row, seed), dtype=dtype).verification
+                o, c = max(o, v.original_error), max(c, v.converted_error)
+            cells.append(f"{o:.1e} / {c:.1e} ({c / o:.2f})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=12)
@@ -209,10 +233,15 @@ def main() -> int:
     ap.add_argument("--untied-only", action="store_true")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tiny-table", type=int, metavar="SEEDS", default=0,
+                    help="instead: print both errors for every registered tiny test model (worst of SEEDS seeds)")
     ap.add_argument("--child", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
+        return 0
+    if args.tiny_table:
+        print(tiny_table(args.tiny_table))
         return 0
     args.inter = args.inter or 4 * args.hidden
     work = Path(tempfile.mkdtemp(prefix="normswap-exactness-", dir=args.dir))

@@ -105,7 +105,7 @@ def test_figures_are_those_of_the_saved_dtype(dtype, name):
 def test_the_bound_is_one_and_a_half_times_the_original_or_a_floor():
     model = make("gpt_neox-parallel")
     v = normswap.convert_(model).verification
-    assert v.floor == pytest.approx(4 * torch.finfo(torch.float32).eps)
+    assert v.floor == pytest.approx(8 * torch.finfo(torch.float32).eps)
     assert v.tolerance == pytest.approx(max(1.5 * v.original_error, v.floor))
     forced = normswap.convert_(make("gpt_neox-parallel"), tolerance=1e-30).verification
     assert not forced.passed and forced.tolerance == 1e-30 and "more than the bound" in forced.first_failure

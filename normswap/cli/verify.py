@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dtype to run both models at (default: the converted folder's weight dtype)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="fixed max relative |Δoutput| against the float64 original, instead of the default bound "
-                   "(no worse than 1.5× the original's own error at that dtype, or 4 ulps)")
+                   "(no worse than 1.5× the original's own error at that dtype, or 8 ulps of the output)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=run)
 
