@@ -140,8 +140,8 @@ def trace(model: nn.Module, probes: dict, names: set[str] | None = None, keep_ar
 def ones_shift(t: torch.Tensor, axis: int, gen: torch.Generator) -> torch.Tensor:
     """A random multiple of the ones vector along ``axis`` for every other index (broadcastable to ``t``).
 
-    Scaled to the tensor's own rms, so that a norm computing in float32 sees a shift it can represent: a shift far
-    larger than the signal would drown the signal in float32 rounding and look like a visible change.
+    Scaled to the tensor's own rms, so that a norm computing in float32 (Cohere, OLMo) sees a shift it can
+    represent: a shift far larger than the signal would drown the signal in float32 rounding.
     """
     shape = list(t.shape)
     shape[axis] = 1

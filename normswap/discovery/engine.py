@@ -31,6 +31,8 @@ from normswap.discovery.probing import optional_probes
 from normswap.discovery.simulate import Fix, measure_fixes, norm_ratios
 from normswap.discovery.template import NormRole, WriterRole, build_adapter, module_lists, split_block
 from normswap.discovery.writers import (
+    OUTPUT_TOL,
+    REDUCED_TOL,
     Effect,
     affine_layout,
     check_deterministic,
@@ -127,10 +129,12 @@ class _Engine:
         if not ln:
             return Discovery(model_type, None, [], rms, [], {}, [], time.perf_counter() - t0, self.timings)
         hidden = {f.hidden for f in found if f.kind == "layernorm"}
+        # Norms that compute in float32 whatever their input leave rounding-sized traces of an invisible shift.
+        self.tol = REDUCED_TOL if max(f.noise for f in found if f.kind == "layernorm") > 1e-12 else OUTPUT_TOL
         mods = module_candidates(self.model, ref, hidden, skip=set())
         pars = param_candidates(self.model, ref, hidden, {f.name for f in found})
-        effects = measure(self.model, self.probes, ref, mods, "module", ln, self.seed + 1)
-        effects.update(measure(self.model, self.probes, ref, pars, "param", ln, self.seed + 1000))
+        effects = measure(self.model, self.probes, ref, mods, "module", ln, self.seed + 1, self.tol)
+        effects.update(measure(self.model, self.probes, ref, pars, "param", ln, self.seed + 1000, self.tol))
         self.effects = effects
         t = self._tick("writers", t)
 
@@ -157,7 +161,7 @@ class _Engine:
         stream_outputs = sorted({o for f in fixes for o in self._effect_of(f).raw_outputs})
         for f in findings:
             if f.status != "kept":
-                f.readers = _readers.fold_readers(self.model, self.probes, ref, f.name)
+                f.readers = _readers.fold_readers(self.model, self.probes, ref, f.name, self.tol)
         t = self._tick("readers", t)
 
         writes_stream = {f.name for f in fixes if f.layout == "writes_stream"}
@@ -287,7 +291,8 @@ class _Engine:
             acalls = tr.calls.get(anc)
             if anc in fixed or not acalls or acalls[0].inp is None or not same(acalls[0].inp, x):
                 continue
-            effect = measure(self.model, self.probes, self.ref, [anc], "input", sorted(ln), self.seed + 5000)[anc]
+            effect = measure(self.model, self.probes, self.ref, [anc], "input", sorted(ln), self.seed + 5000,
+                             self.tol)[anc]
             if not effect.invisible or len(effect.feeds | {norm}) < 2:
                 return None  # visible, or a stream of one norm (re-centring a norm's own input proves nothing)
             effect.feeds.add(norm)
@@ -313,7 +318,7 @@ class _Engine:
             if visible:
                 e = visible[0]
                 if e.name not in diagnosed:
-                    diagnosed[e.name] = (raw_readers(self.model, self.probes, self.ref, e), e.visible)
+                    diagnosed[e.name] = (raw_readers(self.model, self.probes, self.ref, e, tol=self.tol), e.visible)
                 readers, outputs = diagnosed[e.name]
                 first = readers[0] if readers else None
                 if post_of is not None and e.name in ln and first is not None and split_block(first, lists) is not None:
@@ -355,7 +360,7 @@ class _Engine:
     def _verify_outputs(self, findings: list[NormFinding], fixes: list[Fix]) -> list[NormFinding]:
         """Centring every discovered writer must leave the outputs where they were (stream outputs along ones)."""
         sim, tr = measure_fixes(self.model, self.probes, fixes)
-        visible, _ = output_effect(self.ref.outputs, tr.outputs)
+        visible, _ = output_effect(self.ref.outputs, tr.outputs, self.tol)
         if not visible:
             return findings
         reason = (f"centring the discovered writers moved the output {visible[0]}: discovery cannot explain this "

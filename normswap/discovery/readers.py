@@ -31,7 +31,8 @@ def candidate_readers(model: nn.Module, ref: Trace, norm: str) -> list[str]:
 
 
 @torch.no_grad()
-def complete(model: nn.Module, probes: dict, ref: Trace, norm: str, readers: list[str], seed: int = 11) -> bool:
+def complete(model: nn.Module, probes: dict, ref: Trace, norm: str, readers: list[str], seed: int = 11,
+             tol: float = 1e-8) -> bool:
     """Whether the readers see all of the norm's output: noise added at the norm and removed at them is invisible."""
     modules = dict(model.named_modules())
     gen = torch.Generator().manual_seed(seed)
@@ -55,17 +56,17 @@ def complete(model: nn.Module, probes: dict, ref: Trace, norm: str, readers: lis
     finally:
         for h in handles:
             h.remove()
-    visible, raw = output_effect(ref.outputs, new)
+    visible, raw = output_effect(ref.outputs, new, tol)
     return not visible and not raw
 
 
-def fold_readers(model: nn.Module, probes: dict, ref: Trace, norm: str) -> list[str]:
+def fold_readers(model: nn.Module, probes: dict, ref: Trace, norm: str, tol: float = 1e-8) -> list[str]:
     """The norm's foldable readers when they are complete, else [] (no fold rather than a partial one)."""
     readers = candidate_readers(model, ref, norm)
     if not readers:
         return []
     layouts = {affine_layout(dict(model.named_modules())[r]) for r in readers}
-    if len(layouts) != 1 or not complete(model, probes, ref, norm, readers):
+    if len(layouts) != 1 or not complete(model, probes, ref, norm, readers, tol=tol):
         return []
     return readers
 
