@@ -32,6 +32,8 @@ class FoldPair:
 
     batchnorm: str
     into: str
+    #: Class name of the layer folded into (``Conv2d``, ``Linear``, ...): for reports.
+    into_type: str = ""
 
 
 @dataclass
@@ -258,7 +260,7 @@ def _decide(model, bns, producers, records, degree) -> Discovery:
             found.kept[name] = why
         else:
             claimed[producer] = name
-            found.pairs.append(FoldPair(name, producer))
+            found.pairs.append(FoldPair(name, producer, type(prod).__name__))
     return found
 
 

@@ -404,6 +404,9 @@ def render_model_card(
         _finetune_section(meta),
         _loading_section(config, model_id),
     ]
+    from normswap.batchnorm.card import batchnorm_sections  # --to none on a BatchNorm model: its own wording
+
+    parts = batchnorm_sections(config, model_id, parts)
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
 
 
