@@ -292,3 +292,46 @@ def test_streaming_a_head_checkpoint_whose_config_has_no_architectures(tmp_path)
     assert set(a) == set(b) and "embed_in.weight" in b and "embed_out.weight" not in b
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_conv_layout_centres_any_convnd_along_its_output_channels():
+    from normswap.maths import HIDDEN_AXIS
+    from normswap.streaming.transform import center_into
+    from normswap.surgery import ResolvedWriter, center_writers_
+
+    torch.manual_seed(0)
+    for conv, x in ((nn.Conv1d(5, 16, 3), torch.randn(2, 5, 9)), (nn.Conv3d(2, 16, 2), torch.randn(1, 2, 4, 4, 4))):
+        with torch.no_grad():
+            conv.weight.add_(0.3)
+            conv.bias.add_(0.5)
+        streamed = torch.empty_like(conv.weight)
+        center_into(conv.weight.detach(), "conv", streamed, slab_elements=7)
+        center_writers_([ResolvedWriter("stem", conv, "conv")])
+        torch.testing.assert_close(streamed, conv.weight.detach(), rtol=0, atol=0)
+        with torch.no_grad():
+            y = conv(x)  # channels are the hidden axis: every output position is zero-mean over them
+        assert float(y.double().mean(dim=1).abs().max()) < 1e-6
+    assert HIDDEN_AXIS["conv"] == 0
+
+
+def test_recentring_hooks_take_positional_and_keyword_inputs_and_tuple_outputs():
+    from normswap.surgery import install_recentering_
+
+    class Layer(nn.Module):
+        def forward(self, hidden_states, scale=1.0):
+            return (hidden_states * scale, "extra")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Layer(), Layer()
+
+    net = Net()
+    assert install_recentering_(net, {"a": "input", "b": "output"}) == 2
+    assert install_recentering_(net, {"a": "input", "b": "output"}) == 0  # idempotent
+    x = torch.randn(3, 8) + 2.0
+    for y in (net.a(x)[0], net.a(hidden_states=x)[0], net.b(x)[0]):
+        assert float(y.mean(-1).abs().max()) < 1e-6
+    assert net.b(x)[1] == "extra"
+    copied = copy.deepcopy(net)  # hooks hold no state: a deep copy keeps them
+    assert float(copied.a(x)[0].mean(-1).abs().max()) < 1e-6
