@@ -178,11 +178,12 @@ class _Runner:
         return self._generate(inputs, self.settings.new_tokens)
 
     def tokens_per_sample(self, inputs: dict) -> int:
-        """Prompt tokens for LMs; the encoder's own sequence length (e.g. patches + CLS) otherwise."""
+        """Prompt tokens for LMs; the encoder's sequence length (patches + CLS); 1 (an image) for a CNN."""
         if "input_ids" in inputs:
             return int(inputs["input_ids"].shape[1])
         base = getattr(self.model, "base_model", self.model)
-        return int(base(**inputs).last_hidden_state.shape[1])
+        hidden = base(**inputs).last_hidden_state
+        return int(hidden.shape[1]) if hidden.dim() == 3 else 1  # a CNN's (B, C, H, W) map: count images
 
 
 def _stats(values: list[float]) -> dict[str, float]:
