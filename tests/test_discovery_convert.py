@@ -1,0 +1,91 @@
+"""``normswap convert`` on model types with no declared adapter: discovered, converted, verified, reloadable.
+
+The reference is independent of normswap: the stock transformers class run on the original weights, compared with
+the stock class and with ``normswap.load`` on the converted folder.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from tiny_models import perturb_
+
+import normswap
+from normswap.adapters import registry
+from normswap.cli import main
+from normswap.errors import AlreadyRMSNormError, UnsupportedArchitectureError
+
+H = 48
+
+
+def _mpt() -> T.MptForCausalLM:
+    torch.manual_seed(0)
+    return perturb_(T.MptForCausalLM(T.MptConfig(vocab_size=96, d_model=H, n_layers=2, n_heads=4, max_seq_len=64)))
+
+
+def _biogpt() -> T.BioGptForCausalLM:
+    torch.manual_seed(0)
+    cfg = T.BioGptConfig(vocab_size=96, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=96, max_position_embeddings=64)
+    return perturb_(T.BioGptForCausalLM(cfg))
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+@pytest.mark.parametrize("factory", [_mpt, _biogpt], ids=["mpt", "biogpt"])
+def test_convert_cli_discovers_converts_and_verifies(factory, tmp_path, capsys):
+    model = factory()
+    model_type = model.config.model_type
+    assert registry.declared_adapter(model_type) is None  # the point: nobody wrote an adapter for it
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--no-eval"]) == 0
+    out = capsys.readouterr().out
+    discovered_lines = [line for line in out.splitlines() if "discovered its structure" in line]
+    assert len(discovered_lines) == 1 and model_type in discovered_lines[0]
+    assert "verification PASSED" in out
+
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    ref = _logits(model, ids)
+    stock = type(model).from_pretrained(tmp_path / "out")
+    rms = normswap.load(tmp_path / "out")
+    assert any(isinstance(m, normswap.RMSNorm) for m in rms.modules())
+    for converted in (stock, rms):
+        rel = float((_logits(converted, ids) - ref).abs().max() / ref.abs().max())
+        assert rel < 1e-5
+
+
+def test_undeclared_custom_layernorm_class_is_converted_not_reported_as_rmsnorm(monkeypatch):
+    # OLMo's parameter-free OlmoLayerNorm is no nn.LayerNorm; without its pin, discovery must still find it.
+    monkeypatch.setattr(registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if k != "olmo"})
+    torch.manual_seed(0)
+    cfg = T.OlmoConfig(vocab_size=96, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                       pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = perturb_(T.OlmoForCausalLM(cfg))
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    ref = _logits(model, ids)
+    report = normswap.convert_(model)
+    assert report.passed and len(report.swapped_norms) == 5
+    assert any("discovered" in n for n in report.notes)
+    assert float((_logits(model, ids) - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_rmsnorm_model_without_adapter_says_so():
+    cfg = T.LlamaConfig(vocab_size=96, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    with pytest.raises(AlreadyRMSNormError, match="already uses RMSNorm"):
+        normswap.plan_conversion(T.LlamaForCausalLM(cfg))
+
+
+def test_unknown_declared_type_message_points_at_the_rows():
+    with pytest.raises(UnsupportedArchitectureError, match=r"EXACT_ROWS in tests/tiny_models\.py"):
+        registry.get_adapter("not-a-model-type")
+
+
+def test_declared_adapters_win():
+    cfg = T.GPT2Config(vocab_size=96, n_embd=H, n_layer=2, n_head=4, n_positions=64)
+    model = T.GPT2LMHeadModel(cfg)
+    assert registry.adapter_for(model) is registry.get_adapter("gpt2")
+    assert registry.adapter_for(_mpt()).origin == "discovered"
