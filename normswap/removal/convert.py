@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from normswap.adapters import get_adapter
+from normswap.adapters import adapter_for
 from normswap.conversion import ConversionReport
 from normswap.errors import NormswapError
 from normswap.removal.calibrate import calibration_inputs, collect_stats, dyt_alpha, fixed_scale
@@ -112,7 +112,7 @@ def convert_removal_(model: nn.Module, target: str, *, tokenizer=None, calibrati
     if target not in TARGETS:
         raise RemovalError(f"unknown removal target {target!r}; known: {', '.join(TARGETS)}")
     ensure_has_layernorm(model)
-    plan = build_plan(model, get_adapter(model.config.model_type), approximate=True)
+    plan = build_plan(model, adapter_for(model), approximate=True)
     norms = {n.name: n.module for n in plan.norms if isinstance(n.module, nn.LayerNorm)}
     if not norms:
         raise RemovalError(f"this {plan.adapter.model_type} model has no LayerNorm the adapter can replace")

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from normswap import maths
-from normswap.adapters import get_adapter
+from normswap.adapters import adapter_for
 from normswap.errors import CheckpointError, NormswapError
 from normswap.structure import resolve
 from normswap.surgery import _tied_head
@@ -45,7 +45,7 @@ def residual_writers(model: nn.Module) -> list[CenteredTensor]:
     Resolved by :func:`normswap.structure.resolve`, like the conversion itself. Writers re-centred at run time
     have no weights to constrain and are left out.
     """
-    adapter = get_adapter(model.config.model_type)
+    adapter = adapter_for(model)  # declared, else discovered
     try:
         structure = resolve(model, adapter)
     except CheckpointError as exc:
@@ -65,7 +65,7 @@ def residual_writers(model: nn.Module) -> list[CenteredTensor]:
 
 def folded_scales(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The LayerScale parameters the conversion folded into writers: they must stay ones while training."""
-    structure = resolve(model, get_adapter(model.config.model_type))
+    structure = resolve(model, adapter_for(model))
     return [(name, model.get_parameter(name)) for name in structure.scales]
 
 

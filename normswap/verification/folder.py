@@ -21,7 +21,7 @@ import torch
 import transformers
 from torch import nn
 
-from normswap.adapters import get_adapter
+from normswap.adapters import adapter_for_config
 from normswap.errors import CheckpointError, NormswapError
 from normswap.streaming.plan import NameMap, loaded_prefix
 from normswap.streaming.safetensors_io import TORCH_DTYPES, TensorEntry, read_tensor
@@ -221,7 +221,7 @@ def verify_folder(converted: str | os.PathLike, original: str | os.PathLike, *, 
         out_config = load_output_config(str(converted))
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"could not read the configs: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-    adapter = get_adapter(src_config.model_type)
+    adapter = adapter_for_config(src_config, model_class_for(src_config))  # declared, else discovered
     src_model = skeleton(src_config, model_class_for(src_config))
     out_model = skeleton(out_config, model_class_for(out_config))
     try:
