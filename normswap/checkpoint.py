@@ -18,6 +18,7 @@ from torch import nn
 
 from normswap.errors import CheckpointError, NormswapError
 from normswap.outputs import (  # noqa: F401 - re-exported: streaming uses them from here
+    WEIGHT_PATTERNS,
     atomic_output_dir,
     carry_over_files,
     check_output_not_source,
@@ -125,11 +126,12 @@ def usable_tokenizer(tokenizer) -> bool:
 
 
 def _hub_preprocessing_dir(repo_id: str, revision: str | None) -> Path | None:
-    """Local snapshot holding only a hub model's tokenizer/processor files (so they can be copied to the output)."""
+    """Local snapshot of a hub model without its weights: tokenizer, processor and every other file the output
+    carries over (sentence-transformers modules, ...); weights are loaded separately and replaced anyway."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(PREPROCESSING_FILES)))
+        return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=list(WEIGHT_PATTERNS)))
     except Exception:  # noqa: BLE001 - offline or no such files: the tokenizer object (if any) is saved instead
         return None
 

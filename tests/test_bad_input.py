@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,43 @@ def test_finetune_output_or_work_folder_overlapping_an_input_is_refused(sandbox,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "never modifies the source" in err[0], err
         assert tree_digest(sandbox) == before
+
+
+def test_python_streaming_refuses_an_output_around_its_source(sandbox):
+    from normswap.streaming import convert_streaming
+
+    before = tree_digest(sandbox)
+    for out in (sandbox / "sandbox", sandbox / "sandbox" / "model" / "rms"):
+        with pytest.raises(normswap.errors.OutputPathError, match="never modifies the source"):
+            convert_streaming(sandbox / "sandbox" / "model", out, force=True, progress=False)
+    assert tree_digest(sandbox) == before
+
+
+# ---- issue 11 item 7: every file of the source that the conversion does not replace is carried over ---------------
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_source_files_are_carried_over_but_never_stale_weights_or_over_what_was_written(tmp_path, streaming):
+    src = save_source(make("gpt2"), tmp_path / "src")
+    extras = {"modules.json": "[]", "sentence_bert_config.json": '{"max_seq_length": 64}',
+              "1_Pooling/config.json": '{"pooling_mode_mean_tokens": true}', "processor/notes.txt": "x",
+              "data_config.json": "{}"}
+    for rel, text in extras.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    (src / "2_Normalize").mkdir()
+    (src / "onnx").mkdir()
+    (src / "onnx" / "model.onnx").write_bytes(b"stale original weights")
+    (src / "pytorch_model.bin").write_bytes(b"stale original weights")
+    (src / "README.md").write_text("the original's card")
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref")
+    before = tree_digest(src)
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "-o", str(out), "--no-eval"] + (["--streaming"] if streaming else [])) == 0
+    for rel, text in extras.items():
+        assert (out / rel).read_text() == text, rel
+    assert (out / "2_Normalize").is_dir()
+    assert not (out / "onnx").exists() and not (out / "pytorch_model.bin").exists() and not (out / ".git").exists()
+    assert "the original's card" not in (out / "README.md").read_text()  # normswap's card describes the output
+    assert "normswap" in json.loads((out / "config.json").read_text())
+    assert tree_digest(src) == before

@@ -344,3 +344,22 @@ def test_outputs_respect_the_umask(world, tmp_path, mask, dirs, files, streaming
     assert out.stat().st_mode & 0o777 == dirs
     for p in out.rglob("*"):
         assert p.stat().st_mode & 0o777 == (dirs if p.is_dir() else files), p.name
+
+
+def test_library_warnings_are_printed_once():
+    """huggingface_hub logs through its own handler *and* propagates: with the CLI's root handler, twice."""
+    script = ("import logging, huggingface_hub, normswap.cli as cli; cli._configure_logging(False); "
+              "logging.getLogger('huggingface_hub.utils._http').warning('hub-warning-probe')")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.count("hub-warning-probe") == 1, proc.stderr
+
+
+def test_python_m_normswap_training_keeps_the_contract(capsys):
+    from normswap.cli.finetune import main as training_main
+
+    code = None
+    try:
+        training_main(["student-only"])
+    except SystemExit as exc:
+        code = exc.code
+    assert_one_error_line(code, capsys.readouterr().err, "required")

@@ -29,9 +29,9 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose errors keep the CLI contract: one ``normswap: error:`` line, exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        command = self.prog.removeprefix("normswap").strip()
+        command = self.prog.removeprefix("normswap").strip() if self.prog.startswith("normswap") else ""
         where = f"{command}: " if command else ""
-        hint = f"normswap {command} --help" if command else "normswap --help"
+        hint = f"{self.prog} --help"
         self.exit(2, f"normswap: error: {where}{message} (see `{hint}`)\n")
 
 
@@ -122,16 +122,29 @@ def _quiet_stdout() -> None:
         pass
 
 
+class _PrintedElsewhere(logging.Filter):
+    """Drop records that a library's own handler already printed (huggingface_hub adds one lazily, on first use)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        while name:
+            if logging.getLogger(name).handlers:
+                return False
+            name = name.rpartition(".")[0]
+        return True
+
+
 def _configure_logging(verbose: bool) -> None:
-    """One handler for normswap's own logs; libraries that print through their own handler (huggingface_hub,
-    transformers) stop propagating to it, so each warning is printed once, not twice."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    for name in ("huggingface_hub", "transformers", "datasets", "accelerate"):
-        library = logging.getLogger(name)
-        if library.handlers:
-            library.propagate = False
+    """One handler for normswap's own logs, which skips what libraries print through their own handler
+    (huggingface_hub, transformers), so each warning is printed once, not twice."""
     if not _interactive():
         _no_library_progress_bars()
+    root = logging.getLogger()
+    if root.handlers:  # configured by whoever called main() (a test runner, an application): theirs to decide
+        return
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    for handler in root.handlers:
+        handler.addFilter(_PrintedElsewhere())
 
 
 def _interactive() -> bool:

@@ -133,7 +133,9 @@ def _student_tokenizer(path: Path):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from normswap.cli import Parser
+
+    parser = Parser(
         prog="python -m normswap.training",
         description="Heal a normswap output by distilling the original model into it (the `normswap finetune` "
         "command; also runs under `accelerate launch -m normswap.training ...`).",

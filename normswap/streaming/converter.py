@@ -25,7 +25,13 @@ import torch
 import transformers
 
 from normswap.adapters import adapter_for_config
-from normswap.checkpoint import copy_preprocessing_files, model_class_for, parse_dtype
+from normswap.checkpoint import (
+    carry_over_files,
+    check_output_not_source,
+    copy_preprocessing_files,
+    model_class_for,
+    parse_dtype,
+)
 from normswap.conversion import ConversionReport
 from normswap.errors import AlreadyRMSNormError, CheckpointError, NormswapError, NotExactError, VerificationError
 from normswap.folding import FoldResult
@@ -206,8 +212,7 @@ def convert_streaming(
         raise NormswapError(f"unknown verification mode {verify!r}; use one of {', '.join(VERIFY_MODES)}")
     folder = local_folder(src, revision)
     target = Path(output).resolve()
-    if target == folder.resolve():
-        raise NormswapError("the output folder is the source folder; normswap never modifies the source")
+    check_output_not_source(output, src, folder)  # is, contains or lies inside the source: refused
     out_dtype = parse_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
 
@@ -264,6 +269,7 @@ def convert_streaming(
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
         copy_preprocessing_files(folder, tmp)
+        carry_over_files(folder, tmp)  # every other file of the source (sentence-transformers modules, ...)
         report.notes.append(stats.summary())
 
         verify_started = time.perf_counter()
