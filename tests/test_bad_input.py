@@ -293,3 +293,13 @@ def test_source_files_are_carried_over_but_never_stale_weights_or_over_what_was_
     assert "the original's card" not in (out / "README.md").read_text()  # normswap's card describes the output
     assert "normswap" in json.loads((out / "config.json").read_text())
     assert tree_digest(src) == before
+
+
+def test_default_output_from_inside_the_source_is_refused(sandbox, monkeypatch, capsys):
+    """`cd model && normswap convert .` would write ./model-rms inside the source: refused, named by the real folder."""
+    monkeypatch.chdir(sandbox / "sandbox" / "model")
+    before = tree_digest(sandbox)
+    assert main(["convert", ".", "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "model-rms is inside the source folder" in err and "never modifies the source" in err
+    assert tree_digest(sandbox) == before

@@ -41,7 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def default_output(src: str) -> Path:
-    return Path.cwd() / f"{Path(src.rstrip('/')).name}-rms"
+    """``./<source name>-rms``; a local source is named by its real folder, so ``normswap convert .`` gets a name."""
+    local = Path(src)
+    name = local.resolve().name if local.exists() else Path(src.rstrip("/")).name
+    return Path.cwd() / f"{name}-rms"
 
 
 def run(args: argparse.Namespace) -> int:
