@@ -201,7 +201,12 @@ def _in_span(r: torch.Tensor, candidates: list[torch.Tensor]) -> bool:
         return False
     a = torch.stack([c.reshape(-1).double() for c in candidates], dim=1)
     b = r.reshape(-1, 1).double()
-    sol = torch.linalg.lstsq(a, b, driver="gelsd").solution
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        return False
+    try:
+        sol = torch.linalg.lstsq(a, b, driver="gelsd").solution
+    except RuntimeError:  # a degenerate system (LAPACK refuses it): no evidence of a link
+        return False
     return float((a @ sol - b).abs().max()) / scale < SPAN_TOL
 
 

@@ -11,11 +11,15 @@ misplaced norm shows up as a large difference instead of hiding behind a near-id
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
+
+from normswap.discovery.probes import IMAGE, PATCH, VOCAB, _is_int, _special_ids, probe_inputs
+
+__all__ = ["IMAGE", "PATCH", "VOCAB", "default_model_class", "perturb_", "probe_inputs", "tiny_config",
+           "tiny_instance"]
 
 #: Target sizes of the small instance.
 HIDDEN = 64
@@ -23,9 +27,6 @@ HEADS = 4
 HEAD_DIM = HIDDEN // HEADS
 INTERMEDIATE = 96
 LAYERS = 2
-VOCAB = 256
-IMAGE = 32
-PATCH = 8
 EXPERTS = 4
 
 _LAYER_KEYS = (
@@ -55,21 +56,6 @@ _VOCAB_KEYS = ("vocab_size", "n_vocab", "text_vocab_size")
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_total")
 _TOPK_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "moe_topk", "num_selected_experts")
 _STAGE_KEYS = ("num_stages", "num_encoder_blocks")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _special_ids(d: dict) -> list[tuple[str, int | list]]:
-    """(key, value) of every token-id entry (bos/eos/pad/image tokens ...), so the vocab can stay above them."""
-    out = []
-    for k, v in d.items():
-        if not isinstance(k, str) or not (k.endswith("token_id") or k.endswith("token_index") or k.endswith("token_ids")):
-            continue
-        if _is_int(v) or (isinstance(v, list) and v and all(_is_int(x) for x in v)):
-            out.append((k, v))
-    return out
 
 
 def _pick_layers(values: list, n: int) -> list:
@@ -105,14 +91,15 @@ def _shrink_stages(d: dict) -> None:
         if isinstance(d.get(k), list):
             d[k] = [2 * 2**i for i in range(n_new)]
     if isinstance(d.get("hidden_sizes"), list):
-        d["hidden_sizes"] = [16 * 2**i for i in range(len(d["hidden_sizes"]))]
+        base = max(32, 4 * d["num_groups"]) if _is_int(d.get("num_groups")) else 32  # GroupNorm + bottlenecks
+        d["hidden_sizes"] = [base * 2**i for i in range(len(d["hidden_sizes"]))]
     if _is_int(d.get("embed_dim")):
         d["embed_dim"] = 16
     if isinstance(d.get("embed_dim"), list):
         d["embed_dim"] = [16 * 2**i for i in range(len(d["embed_dim"]))]
 
 
-def _shrink_one(d: dict, remap: dict[int, int]) -> None:
+def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
     """Shrink one (flat) config dict in place; nested sub-config dicts are handled by the caller."""
     layer_olds = {d[k] for k in _LAYER_KEYS if _is_int(d.get(k)) and d[k] > 0}
     for k in _LAYER_KEYS:
@@ -178,7 +165,8 @@ def _shrink_one(d: dict, remap: dict[int, int]) -> None:
     for k in ("n_shared_experts", "num_shared_experts"):
         if _is_int(d.get(k)) and d[k] > 1:
             d[k] = 1
-    for k, cap in (("max_source_positions", 64), ("num_conv_pos_embeddings", 16), ("num_mel_bins", 16)):
+    for k, cap in (("max_source_positions", 64), ("num_conv_pos_embeddings", 16), ("num_mel_bins", 16),
+                   ("max_length", 64)):
         if _is_int(d.get(k)) and d[k] > cap:
             d[k] = cap
     for k in ("conv_dim", "tdnn_dim"):  # audio feature extractors: narrow convs, same kernels and strides
@@ -190,9 +178,11 @@ def _shrink_one(d: dict, remap: dict[int, int]) -> None:
     for k in ("use_pretrained_backbone", "use_timm_backbone"):  # no weights may be fetched
         if d.get(k) is True:
             d[k] = False
-    _shrink_vocab(d, remap)
-    _shrink_vision(d)
-    _shrink_rope(d)
+    if level >= 2:
+        _shrink_vocab(d, remap)
+    if level >= 1:
+        _shrink_vision(d)
+        _shrink_rope(d)
 
 
 def _shrink_vocab(d: dict, remap: dict[int, int]) -> None:
@@ -252,21 +242,23 @@ def _is_config_dict(v: Any) -> bool:
     return isinstance(v, dict) and ("model_type" in v or "architectures" in v or "hidden_size" in v)
 
 
-def _shrink_tree(d: dict, remap: dict[int, int]) -> None:
-    _shrink_one(d, remap)
+def _shrink_tree(d: dict, remap: dict[int, int], level: int) -> None:
+    _shrink_one(d, remap, level)
     for v in d.values():
         if _is_config_dict(v):
-            _shrink_tree(v, remap)
+            _shrink_tree(v, remap, level)
 
 
-def tiny_config(config):
+def tiny_config(config, *, level: int = 2):
     """A small copy of ``config`` (a ``PreTrainedConfig``) with the same structure: 2 layers, hidden ≈ 64.
 
     The copy is rebuilt through the config class so that derived fields (per-layer lists, head dims) are recomputed
     and its own validation runs; nested sub-configs (text/vision/audio, encoder/decoder) are shrunk the same way.
+    ``level`` 2 shrinks everything; 1 keeps the vocabulary and token ids (some models tie token-id *ranges* to the
+    vocab in fields we cannot know); 0 also keeps image/patch sizes and RoPE sections: only depth and width shrink.
     """
     d = copy.deepcopy(config.to_dict())
-    _shrink_tree(d, {})
+    _shrink_tree(d, {}, level)
     d.pop("transformers_version", None)
     d.pop("_name_or_path", None)
     d["architectures"] = None
@@ -334,7 +326,24 @@ def default_model_class(config) -> type | None:
             cls = getattr(transformers, name, None)
             if cls is not None:
                 return cls
-    return None
+    return _class_from_modeling_module(config)
+
+
+def _class_from_modeling_module(config) -> type | None:
+    """Sub-model configs (``align_vision_model``, ``blip_text_model``) have no auto mapping: take the model class of
+    their own modeling module whose ``config_class`` is exactly this config's class (a bare ``...Model`` first)."""
+    import importlib
+
+    module_name = type(config).__module__.replace(".configuration_", ".modeling_")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 - no modeling module (or it needs an optional dependency)
+        return None
+    candidates = [obj for obj in vars(module).values()
+                  if isinstance(obj, type) and issubclass(obj, nn.Module) and getattr(obj, "config_class", None)
+                  is type(config) and not obj.__name__.endswith("PreTrainedModel")]
+    candidates.sort(key=lambda c: (not c.__name__.endswith("Model"), len(c.__name__)))
+    return candidates[0] if candidates else None
 
 
 def tiny_instance(model_cls, config, *, seed: int = 0, dtype: torch.dtype = torch.float64,
@@ -343,7 +352,20 @@ def tiny_instance(model_cls, config, *, seed: int = 0, dtype: torch.dtype = torc
 
     ``model_cls`` may be a concrete class (``CLIPModel``) or an auto class (``AutoModelForCausalLM``).
     """
-    cfg = tiny_config(config) if shrink else copy.deepcopy(config)
+    first_error: Exception | None = None
+    for level in (2, 1, 0) if shrink else (None,):
+        try:
+            cfg = tiny_config(config, level=level) if level is not None else copy.deepcopy(config)
+            model = _build(model_cls, cfg, seed, dtype)
+        except Exception as exc:  # noqa: BLE001 - a milder shrink may satisfy the modelling code's own checks
+            first_error = first_error or exc
+            continue
+        return perturb_(model, seed)
+    assert first_error is not None
+    raise first_error
+
+
+def _build(model_cls, cfg, seed: int, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -354,131 +376,4 @@ def tiny_instance(model_cls, config, *, seed: int = 0, dtype: torch.dtype = torc
             model = model_cls.from_config(cfg, dtype=dtype)
     finally:
         torch.set_default_dtype(previous)
-    model = model.to(dtype=dtype)
-    return perturb_(model, seed)
-
-
-# --- probe inputs ------------------------------------------------------------------------------------------------
-
-def _forward_params(model: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _sub(config, *names: str):
-    """The first nested sub-config among ``names`` (e.g. vision_config), else ``config`` itself."""
-    for n in names:
-        sub = getattr(config, n, None)
-        if sub is not None and hasattr(sub, "to_dict"):
-            return sub
-    return config
-
-
-def _all_special_ids(config) -> set[int]:
-    ids: set[int] = set()
-    stack = [config.to_dict()]
-    while stack:
-        d = stack.pop()
-        for _, v in _special_ids(d):
-            ids.update(v if isinstance(v, list) else [v])
-        stack.extend(v for v in d.values() if isinstance(v, dict))
-    return ids
-
-
-def _text_ids(config, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
-    """Random ordinary token ids: inside the vocab, none of them a special (bos/eos/pad/image ...) token."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None) or VOCAB
-    special = _all_special_ids(config)
-    allowed = torch.tensor([i for i in range(min(int(vocab), VOCAB)) if i not in special][: max(8, VOCAB - 40)])
-    return allowed[torch.randint(0, len(allowed), (batch, seq), generator=gen)]
-
-
-def _image_size(config) -> tuple[int, int, int]:
-    vc = _sub(config, "vision_config", "backbone_config")
-    size = getattr(vc, "image_size", None) or getattr(config, "image_size", None) or IMAGE
-    if isinstance(size, (list, tuple)):
-        h, w = int(size[0]), int(size[-1])
-    elif isinstance(size, dict):
-        h, w = int(size.get("height", IMAGE)), int(size.get("width", IMAGE))
-    else:
-        h = w = int(size)
-    return int(getattr(vc, "num_channels", None) or 3), h, w
-
-
-def _image_token_id(config) -> int | None:
-    for k in ("image_token_id", "image_token_index"):
-        v = getattr(config, k, None)
-        if _is_int(v):
-            return v
-    return None
-
-
-def _count_image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> int | None:
-    """How many image-token positions the language model expects for these pixels (from the vision features)."""
-    get = getattr(model, "get_image_features", None)
-    if get is None:
-        return None
-    try:
-        with torch.no_grad():
-            feats = get(pixel_values=pixel_values)
-    except Exception:  # noqa: BLE001 - a composite we cannot introspect: the caller falls back to text only
-        return None
-    if hasattr(feats, "pooler_output") and feats.pooler_output is not None:
-        feats = feats.pooler_output
-    elif hasattr(feats, "to_tuple"):
-        feats = feats.to_tuple()[0]
-    tensors = list(feats) if isinstance(feats, (list, tuple)) else [feats]
-    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
-        return None
-    return sum(int(t.reshape(-1, t.shape[-1]).shape[0]) for t in tensors) // pixel_values.shape[0]
-
-
-@torch.no_grad()
-def probe_inputs(model: nn.Module, config=None, *, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
-    """Inputs for every main input the model takes: ids, pixels, audio features/samples, decoder ids, VLM prompts.
-
-    Token ids avoid special ids (an image token without an image is an error in a VLM); a VLM prompt gets as many
-    image tokens as its vision tower yields, so the tower is exercised; MAE-style random masking gets fixed noise so
-    two runs see the same tokens.
-    """
-    config = config if config is not None else model.config
-    gen = torch.Generator().manual_seed(seed)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    params = _forward_params(model)
-    main = getattr(model, "main_input_name", "input_ids")
-    probes: dict[str, torch.Tensor] = {}
-    if main == "input_features" or (main not in params and "input_features" in params):
-        ac = _sub(config, "audio_config", "encoder_config")
-        bins = int(getattr(ac, "num_mel_bins", None) or getattr(ac, "input_feat_per_channel", None) or 80)
-        frames = 2 * int(getattr(ac, "max_source_positions", None) or 32)
-        if getattr(ac, "model_type", "") not in ("whisper",) and "whisper" not in getattr(config, "model_type", ""):
-            frames = min(frames, 64)
-        probes["input_features"] = torch.randn(batch, bins, frames, generator=gen, dtype=dtype)
-        if getattr(config, "model_type", "") not in ("whisper",) and "speech_to_text" in getattr(config, "model_type", ""):
-            probes["input_features"] = probes["input_features"].transpose(1, 2).contiguous()
-    elif main == "input_values":
-        probes["input_values"] = torch.randn(batch, 4000, generator=gen, dtype=dtype)
-    if main == "pixel_values" or "pixel_values" in params:
-        c, h, w = _image_size(config)
-        probes["pixel_values"] = torch.randn(batch, c, h, w, generator=gen, dtype=dtype)
-    if main == "input_ids" or "input_ids" in params and main != "pixel_values":
-        ids = _text_ids(config, batch, seq_len, gen)
-        image_token = _image_token_id(config)
-        if image_token is not None and "pixel_values" in probes:
-            n = _count_image_tokens(model, probes["pixel_values"])
-            if n:
-                ids = torch.cat([ids[:, :2], torch.full((batch, n), image_token), ids[:, 2:]], dim=1)
-            else:
-                del probes["pixel_values"]
-        probes["input_ids"] = ids
-    if "decoder_input_ids" in params and "decoder_input_ids" not in probes and getattr(config, "is_encoder_decoder", False):
-        probes["decoder_input_ids"] = _text_ids(config, batch, max(4, seq_len // 2), gen)
-    if "noise" in params and "pixel_values" in probes and hasattr(config, "mask_ratio"):
-        _, h, w = _image_size(config)
-        patch = getattr(config, "patch_size", PATCH)
-        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-        probes["noise"] = torch.rand(batch, (h // patch) * (w // patch), generator=gen, dtype=dtype)
-    return probes
+    return model.to(dtype=dtype)

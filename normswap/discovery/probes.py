@@ -1,0 +1,179 @@
+"""Probe inputs for any model's main inputs, built from its config: what discovery and the census run it on.
+
+Token ids avoid every special id (an image token without its image is an error in a VLM), pixel sizes come from the
+(vision) config, audio gets features or raw samples of a length the encoder accepts, encoder-decoders get decoder
+ids, and a VLM prompt holds as many image tokens as its vision tower yields for the probe image, so the tower is
+exercised rather than skipped.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Sizes shared with normswap.discovery.instance (the small instance is built to these).
+VOCAB = 256
+IMAGE = 32
+PATCH = 8
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _special_ids(d: dict) -> list[tuple[str, int | list]]:
+    """(key, value) of every token-id entry (bos/eos/pad/image tokens ...), so the vocab can stay above them."""
+    out = []
+    for k, v in d.items():
+        if not isinstance(k, str) or not (k.endswith("token_id") or k.endswith("token_index") or k.endswith("token_ids")):
+            continue
+        if _is_int(v) or (isinstance(v, list) and v and all(_is_int(x) for x in v)):
+            out.append((k, v))
+    return out
+
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _sub(config, *names: str):
+    """The first nested sub-config among ``names`` (e.g. vision_config), else ``config`` itself."""
+    for n in names:
+        sub = getattr(config, n, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            return sub
+    return config
+
+
+def _all_special_ids(config) -> set[int]:
+    ids: set[int] = set()
+    stack = [config.to_dict()]
+    while stack:
+        d = stack.pop()
+        for _, v in _special_ids(d):
+            ids.update(v if isinstance(v, list) else [v])
+        stack.extend(v for v in d.values() if isinstance(v, dict))
+    return ids
+
+
+def _text_ids(config, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    """Random ordinary token ids: inside the vocab, none of them a special (bos/eos/pad/image ...) token."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None) or VOCAB
+    special = _all_special_ids(config)
+    allowed = torch.tensor([i for i in range(min(int(vocab), VOCAB)) if i not in special][: max(8, VOCAB - 40)])
+    return allowed[torch.randint(0, len(allowed), (batch, seq), generator=gen)]
+
+
+def _image_size(config) -> tuple[int, int, int]:
+    vc = _sub(config, "vision_config", "backbone_config")
+    size = getattr(vc, "image_size", None) or getattr(config, "image_size", None) or IMAGE
+    if isinstance(size, (list, tuple)):
+        h, w = int(size[0]), int(size[-1])
+    elif isinstance(size, dict):
+        h, w = int(size.get("height", IMAGE)), int(size.get("width", IMAGE))
+    else:
+        h = w = int(size)
+    return int(getattr(vc, "num_channels", None) or 3), h, w
+
+
+def _image_token_id(config) -> int | None:
+    for k in ("image_token_id", "image_token_index"):
+        v = getattr(config, k, None)
+        if _is_int(v):
+            return v
+    return None
+
+
+def _count_image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> int | None:
+    """How many image-token positions the language model expects for these pixels (from the vision features)."""
+    get = getattr(model, "get_image_features", None)
+    if get is None:
+        return None
+    try:
+        with torch.no_grad():
+            feats = get(pixel_values=pixel_values)
+    except Exception:  # noqa: BLE001 - a composite we cannot introspect: the caller falls back to text only
+        return None
+    if hasattr(feats, "pooler_output") and feats.pooler_output is not None:
+        feats = feats.pooler_output
+    elif hasattr(feats, "to_tuple"):
+        feats = feats.to_tuple()[0]
+    tensors = list(feats) if isinstance(feats, (list, tuple)) else [feats]
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    return sum(int(t.reshape(-1, t.shape[-1]).shape[0]) for t in tensors) // pixel_values.shape[0]
+
+
+def _audio_features(config, batch: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Log-mel features: [batch, mel, 2·max_source_positions] (Whisper's encoder insists on that length), or
+    [batch, frames, features] for Speech2Text-style encoders (``input_feat_per_channel``)."""
+    ac = _sub(config, "audio_config", "encoder_config")
+    per_channel = getattr(ac, "input_feat_per_channel", None)
+    if _is_int(per_channel):
+        feats = per_channel * int(getattr(ac, "input_channels", None) or 1)
+        return torch.randn(batch, 64, feats, generator=gen, dtype=dtype)
+    bins = int(getattr(ac, "num_mel_bins", None) or 80)
+    frames = 2 * int(getattr(ac, "max_source_positions", None) or 32)
+    return torch.randn(batch, bins, frames, generator=gen, dtype=dtype)
+
+
+@torch.no_grad()
+def probe_inputs(model: nn.Module, config=None, *, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
+    """Inputs for every main input the model takes: ids, pixels, audio features/samples, decoder ids, VLM prompts.
+
+    Token ids avoid special ids (an image token without an image is an error in a VLM); a VLM prompt gets as many
+    image tokens as its vision tower yields, so the tower is exercised; MAE-style random masking gets fixed noise so
+    two runs see the same tokens.
+    """
+    config = config if config is not None else model.config
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    params = _forward_params(model)
+    main = getattr(model, "main_input_name", "input_ids")
+    probes: dict[str, torch.Tensor] = {}
+    if main == "input_features" or (main not in params and "input_features" in params):
+        probes["input_features"] = _audio_features(config, batch, gen, dtype)
+    elif main == "input_values":
+        ac = _sub(config, "audio_config")
+        bins, length = getattr(ac, "num_mel_bins", None), getattr(ac, "max_length", None)
+        if _is_int(bins) and _is_int(length):  # a spectrogram (AST): [batch, time, mel]
+            probes["input_values"] = torch.randn(batch, length, bins, generator=gen, dtype=dtype)
+        else:  # raw samples (wav2vec2, HuBERT): 4000 samples = 12 frames after a 320x conv stem
+            probes["input_values"] = torch.randn(batch, 4000, generator=gen, dtype=dtype)
+    if main == "pixel_values" or "pixel_values" in params:
+        c, h, w = _image_size(config)
+        if "spatial_shapes" in params:  # NaFlex (SigLIP2): pre-patchified pixels with a mask and a grid shape
+            patch = getattr(_sub(config, "vision_config"), "patch_size", PATCH)
+            gh, gw = h // patch, w // patch
+            probes["pixel_values"] = torch.randn(batch, gh * gw, c * patch * patch, generator=gen, dtype=dtype)
+            probes["pixel_attention_mask"] = torch.ones(batch, gh * gw, dtype=torch.long)
+            probes["spatial_shapes"] = torch.tensor([[gh, gw]] * batch)
+        else:
+            probes["pixel_values"] = torch.randn(batch, c, h, w, generator=gen, dtype=dtype)
+    if main == "input_ids" or "input_ids" in params:
+        ids = _text_ids(config, batch, seq_len, gen)
+        image_token = _image_token_id(config)
+        if image_token is not None and "pixel_values" in probes:
+            n = _count_image_tokens(model, probes["pixel_values"])
+            if n:
+                ids = torch.cat([ids[:, :2], torch.full((batch, n), image_token), ids[:, 2:]], dim=1)
+            else:
+                for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes"):
+                    probes.pop(k, None)
+        probes["input_ids"] = ids
+    if "decoder_input_ids" in params and "decoder_input_ids" not in probes and getattr(config, "is_encoder_decoder", False):
+        probes["decoder_input_ids"] = _text_ids(config, batch, max(4, seq_len // 2), gen)
+    if "noise" in params and "pixel_values" in probes and hasattr(config, "mask_ratio"):
+        _, h, w = _image_size(config)
+        patch = getattr(config, "patch_size", PATCH)
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        probes["noise"] = torch.rand(batch, (h // patch) * (w // patch), generator=gen, dtype=dtype)
+    return probes
