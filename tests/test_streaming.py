@@ -586,10 +586,11 @@ def test_leftovers_of_a_killed_run_are_reported(tmp_path, caplog):
     assert debris.exists()  # never deleted behind the user's back: it could belong to a run still in progress
 
 
-def test_no_stray_files_from_the_source_folder(tmp_path):
-    """Only weights, config, generation config, tokenizer and publish files come across."""
+def test_source_files_the_conversion_does_not_replace_are_carried_over(tmp_path):
+    """Every other file of the source comes across unchanged (issue 11: sentence-transformers folders lost theirs)."""
     src = save_sharded(make_model("gpt2"), tmp_path / "src")
     (src / "notes.txt").write_text("private")
     result = convert_streaming(src, tmp_path / "out", verify="none", progress=False)
     names = set(os.listdir(result.path))
-    assert "notes.txt" not in names and {"config.json", "generation_config.json"} <= names
+    assert {"config.json", "generation_config.json", "notes.txt"} <= names
+    assert (result.path / "notes.txt").read_text() == "private"
