@@ -170,6 +170,9 @@ def resolve(model: nn.Module, adapter: Adapter, config: object | None = None) ->
 
     def add_norm(root: nn.Module, root_prefix: str, n: Norm) -> None:
         found = lookup(root, n.path)
+        if isinstance(found, nn.Identity):  # a norm configured away in this block (ModernBERT layer 0's attn_norm)
+            out.skipped_optional.append(root_prefix + n.path)
+            return
         if not isinstance(found, nn.Module):
             if not n.optional:
                 raise CheckpointError(f"{adapter.model_type} adapter: norm {root_prefix}{n.path} not found")

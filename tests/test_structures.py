@@ -335,3 +335,12 @@ def test_recentring_hooks_take_positional_and_keyword_inputs_and_tuple_outputs()
     assert net.b(x)[1] == "extra"
     copied = copy.deepcopy(net)  # hooks hold no state: a deep copy keeps them
     assert float(copied.a(x)[0].mean(-1).abs().max()) < 1e-6
+
+
+def test_a_norm_configured_away_as_identity_is_skipped_not_refused():
+    """ModernBERT's first block has ``attn_norm = Identity``: nothing to swap there, the other blocks still resolve."""
+    model = make("gpt2")
+    model.transformer.h[0].ln_1 = nn.Identity()
+    s = resolve(model, get_adapter("gpt2"))
+    assert "transformer.h.0.ln_1" in s.skipped_optional
+    assert "transformer.h.1.ln_1" in [n.name for n in s.norms]
