@@ -117,7 +117,6 @@ def census_one(model_type: str, seconds: int) -> dict:
 
     signal.signal(signal.SIGALRM, alarm)
     signal.alarm(seconds)
-    start = time.perf_counter()
     try:
         config = transformers.CONFIG_MAPPING[model_type]()
         cls = model_class(config)
@@ -161,7 +160,6 @@ def census_one(model_type: str, seconds: int) -> dict:
         row.update(status="error", why=f"{type(exc).__name__}: {text}")
     finally:
         signal.alarm(0)
-        row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
 
@@ -228,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     types = args.only.split(",") if args.only else sorted(t for t in transformers.CONFIG_MAPPING if uses_batchnorm(t))
     rows = []
     for mt in types:
+        start = time.perf_counter()
         row = census_one(mt, args.timeout)
+        row["seconds"] = round(time.perf_counter() - start, 2)
         rows.append(row)
         print(f"{mt:28s} {row['status']:14s} bn={row.get('batchnorms', '-')} folded={row.get('folded', '-')} "
               f"rel={row.get('rel', '-')} {row.get('why', '')[:100]} ({row['seconds']} s)", file=sys.stderr, flush=True)

@@ -224,3 +224,18 @@ def test_a_model_without_batchnorm_is_told_what_was_found():
                       image_size=16, patch_size=4)
     with pytest.raises(NothingToFoldError, match="found no BatchNorm.*LayerNorm"):
         fold_batchnorms_(T.ViTModel(cfg).eval())
+
+
+class TransposedConvBn(_Probe):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 2, stride=2)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, pixel_values):
+        return (self.bn(self.up(pixel_values)),)
+
+
+def test_transposed_convolution_is_kept_with_the_reason():
+    found = discover(perturb_bn_(TransposedConvBn()), {"pixel_values": torch.randn(2, 3, 8, 8)})
+    assert not found.pairs and "transposed convolution" in found.kept["bn"]

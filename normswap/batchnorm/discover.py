@@ -292,7 +292,11 @@ def _trace(rec: _Record, records, nodes, degree, producers) -> tuple[str | None,
             break
         first = first or node
         node = inputs[0]
-    return None, f"its input comes from {_kind(rec.node)}, not from a convolution or linear layer"
+    kind = _kind(rec.node)
+    if kind.startswith(("Convolution", "Addmm", "Mm")):
+        return None, (f"its input comes from a {kind} that is not an nn.Linear/nn.ConvNd module folding supports "
+                      "(a transposed convolution, or a functional call)")
+    return None, f"its input comes from {kind}, not from a convolution or linear layer"
 
 
 def _forward_note(rec: _Record, model: nn.Module) -> str:
