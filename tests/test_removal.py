@@ -121,7 +121,18 @@ def test_convert_removal_tiny_gpt2(target, tok):
     with torch.no_grad():
         uncalibrated = _kl(ref, blind(input_ids=ids).logits)
     assert calibrated < 0.5 * uncalibrated, (calibrated, uncalibrated)
-    assert report.naive["kl"] == pytest.approx(report.naive["kl"]) and report.naive["finite"]
+    # the naive figures (computed with λ = 0 as the original) match the untouched teacher on the calibration text
+    from normswap.removal.calibrate import calibration_inputs
+
+    blocks, _ = calibration_inputs(teacher, tok, _text())
+    with torch.no_grad():
+        t = torch.cat([teacher(input_ids=b[None]).logits[0] for b in blocks])
+        s = torch.cat([model(input_ids=b[None]).logits[0] for b in blocks])
+        ce = [float(torch.nn.functional.cross_entropy(torch.cat([m(input_ids=b[None]).logits[0, :-1] for b in blocks])
+                                                      .double(), torch.cat([b[1:] for b in blocks])))
+              for m in (teacher, model)]
+    assert report.naive["kl"] == pytest.approx(_kl(t, s), rel=1e-3, abs=1e-7) and report.naive["finite"]
+    assert report.naive["ce_gap"] == pytest.approx(ce[1] - ce[0], rel=1e-3, abs=1e-6)
     assert 0 <= report.naive["top1_agreement"] <= 1
     # the LayerNorm model with centred writers is the original (the steps before the replacement keep the function)
     for module in (m for m in model.modules() if isinstance(m, cls)):
@@ -157,7 +168,7 @@ def test_fixed_scale_is_one_over_mean_std(tok):
 @pytest.mark.parametrize("target", ["none", "dyt"])
 def test_save_load_and_remote_code_round_trip(target, tok, tmp_path):
     model = make("gpt2")
-    convert_removal_(model, target, tokenizer=tok, calibration_text=_text())
+    report = convert_removal_(model, target, tokenizer=tok, calibration_text=_text())
     key = "scale" if target == "none" else "alpha"
     with torch.no_grad():  # a trained scalar differs from the recorded one: the checkpoint's value must win
         getattr(model.transformer.h[1].ln_1, key).mul_(1.25)
@@ -177,6 +188,8 @@ def test_save_load_and_remote_code_round_trip(target, tok, tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - the guard's validation error; its type is transformers'
         T.GPT2LMHeadModel.from_pretrained(out)
     assert "import normswap" not in (out / "modeling_normswap.py").read_text()
+    card = (out / "README.md").read_text()  # the card says plainly that this is an approximation, with the gap
+    assert "approximation of the original" in card and f"{report.naive['ce_gap']:+.3f} nats" in card
 
 
 def test_removal_code_is_self_contained():

@@ -395,6 +395,10 @@ def render_model_card(
     else:
         summary = (f"`{source_name}` converted from LayerNorm to RMSNorm by normswap, **exactly**: it computes the "
                    "same function as the original (up to float rounding, see Verification), with RMSNorm in place of LayerNorm.")
+    if isinstance(meta.get("removal"), dict):  # --to none|dyt: say plainly that it is an approximation
+        from normswap.removal.card import removal_summary
+
+        summary = removal_summary(meta, source_name)
     head = yaml.safe_dump(front_matter(config, license), sort_keys=False, default_flow_style=False).rstrip()
     parts = [
         ["---", head, "---", CARD_MARKER, "", f"# {title}", "", summary],

@@ -80,25 +80,49 @@ class RemovalReport(ConversionReport):
 
 
 @torch.no_grad()
-def _lm_figures(model: nn.Module, blocks: list[torch.Tensor], batch: int = 4) -> tuple[torch.Tensor, float | None]:
-    """Float64 logits of every block, and the next-token cross-entropy when the model is a causal LM."""
+def _set_blend(modules: list[nn.Module], value: float) -> None:
+    for m in modules:
+        m.blend = value
+
+
+@torch.no_grad()
+def naive_figures(model: nn.Module, modules: list[nn.Module], blocks: list[torch.Tensor], batch: int = 4) -> dict:
+    """KL, top-1 agreement and cross-entropy of the converted model against the original, batch by batch.
+
+    The original is the same model with every blend λ at 0 (the real LayerNorm on the centred stream: the same
+    function), so no copy of the model and no stored logits are needed, whatever the vocabulary size.
+    """
     device = next(model.parameters()).device
-    outs = []
-    for i in range(0, len(blocks), batch):
-        chunk = blocks[i:i + batch]
-        width = min(len(b) for b in chunk)
-        ids = torch.stack([b[:width] for b in chunk]).to(device)
-        outs.append((ids, primary_output(model(input_ids=ids)).detach().to(torch.float64)))
-    logits = torch.cat([o.reshape(-1, o.shape[-1]) for _, o in outs])
-    ce = None
-    if getattr(model, "get_output_embeddings", lambda: None)() is not None and outs[0][1].shape[-1] > 1:
-        total = count = 0.0
-        for ids, out in outs:
-            lp = torch.log_softmax(out[:, :-1], -1)
-            total += float(-lp.gather(-1, ids[:, 1:, None].to(lp.device)).sum())
-            count += ids[:, 1:].numel()
-        ce = total / max(count, 1)
-    return logits, ce
+    causal = getattr(model, "get_output_embeddings", lambda: None)() is not None
+    kl = top1 = ce_ref = ce_new = 0.0
+    tokens = predicted = 0
+    finite = True
+    try:
+        for i in range(0, len(blocks), batch):
+            chunk = blocks[i:i + batch]
+            width = min(len(b) for b in chunk)
+            ids = torch.stack([b[:width] for b in chunk]).to(device)
+            _set_blend(modules, 0.0)
+            ref = primary_output(model(input_ids=ids)).detach().to(torch.float64)
+            _set_blend(modules, 1.0)
+            new = primary_output(model(input_ids=ids)).detach().to(torch.float64)
+            finite = finite and bool(torch.isfinite(new).all())
+            lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(new, -1)
+            kl += float((lp.exp() * (lp - lq)).sum(-1).sum())
+            top1 += float((ref.argmax(-1) == new.argmax(-1)).sum())
+            tokens += ref.shape[0] * ref.shape[1]
+            if causal and width > 1:
+                target = ids[:, 1:, None]
+                ce_ref -= float(lp[:, :-1].gather(-1, target).sum())
+                ce_new -= float(lq[:, :-1].gather(-1, target).sum())
+                predicted += target.numel()
+    finally:
+        _set_blend(modules, 1.0)
+    out = {"kl": kl / max(tokens, 1), "top1_agreement": top1 / max(tokens, 1), "finite": finite, "tokens": tokens}
+    if predicted:
+        out.update(ce_original=ce_ref / predicted, ce_converted=ce_new / predicted,
+                   ce_gap=(ce_new - ce_ref) / predicted)
+    return out
 
 
 def convert_removal_(model: nn.Module, target: str, *, tokenizer=None, calibration_text: str | None = None
@@ -125,8 +149,6 @@ def convert_removal_(model: nn.Module, target: str, *, tokenizer=None, calibrati
         text_source = "user text" if calibration_text else None
     blocks, described = calibration_inputs(model, tokenizer, calibration_text)
     model.eval()
-    reference, ce_original = _lm_figures(model, blocks)
-
     untied = untie_head_(model)
     center_writers_(plan.writers)  # the LayerNorm model computes the same function; the replacements see mean 0
     stats = collect_stats(model, norms, blocks)
@@ -135,14 +157,7 @@ def convert_removal_(model: nn.Module, target: str, *, tokenizer=None, calibrati
               for name, m in norms.items()}
     removal = {"target": target, "norms": values}
     replace_removed_norms_(model, removal)
-
-    converted, ce_converted = _lm_figures(model, blocks)
-    lp_ref, lp_new = torch.log_softmax(reference, -1), torch.log_softmax(converted, -1)
-    naive = {"kl": float((lp_ref.exp() * (lp_ref - lp_new)).sum(-1).mean()),
-             "top1_agreement": float((reference.argmax(-1) == converted.argmax(-1)).double().mean()),
-             "finite": bool(torch.isfinite(converted).all())}
-    if ce_original is not None and ce_converted is not None:
-        naive.update(ce_original=ce_original, ce_converted=ce_converted, ce_gap=ce_converted - ce_original)
+    naive = naive_figures(model, [model.get_submodule(name) for name in norms], blocks)
     notes = []
     if plan.unaccounted:
         notes.append(f"LayerNorms outside the adapter stay LayerNorm: {', '.join(plan.unaccounted)}")
