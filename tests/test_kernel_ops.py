@@ -177,13 +177,17 @@ def test_torch_compile_composite(monkeypatch: pytest.MonkeyPatch, gen: torch.Gen
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace")
-def test_jit_trace_records_real_ops(monkeypatch: pytest.MonkeyPatch, gen: torch.Generator) -> None:
-    """torch.jit.trace must not freeze the first output as a constant (what tracing an extension call does)."""
-    monkeypatch.delenv("NORMSWAP_KERNEL", raising=False)
+@pytest.mark.parametrize("forced", ["auto", "fused"])
+def test_jit_trace_records_real_ops(
+    monkeypatch: pytest.MonkeyPatch, gen: torch.Generator, fused_available: bool, forced: str
+) -> None:
+    """torch.jit.trace must not freeze the first output as a constant (what tracing an extension call does): by
+    default it records stock ops (a portable TorchScript artifact), with NORMSWAP_KERNEL=fused the operator."""
+    monkeypatch.setenv("NORMSWAP_KERNEL", forced)
     norm = RMSNorm(24).eval()
     with torch.no_grad():
         traced = torch.jit.trace(norm, torch.randn(2, 24, generator=gen))
         other = torch.randn(2, 24, generator=gen)
         torch.testing.assert_close(traced(other), norm(other))
-    if _build.load() is not None:
-        assert "normswap::rms_norm" in str(traced.graph)  # the fused kernel, recorded as an operator
+    recorded = "normswap::rms_norm" in str(traced.graph)
+    assert recorded == (forced == "fused" and fused_available)

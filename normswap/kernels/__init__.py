@@ -8,18 +8,19 @@ Backends (the names :func:`selected_backend` reports):
   squares, one write pass while the row is still in cache, fp32 accumulation, bias fused; with a fused backward.
   Swapping LayerNorm for RMSNorm must never make a model slower, and on CPU ``F.rms_norm`` is a ~7-op composite that
   runs ~3x slower than ``F.layer_norm``; this kernel runs at copy bandwidth instead. It is registered as the operator
-  ``normswap::rms_norm`` (:mod:`normswap.kernels.ops`: fake kernel, autograd), so ``torch.jit.trace`` and
-  ``torch.compile`` (with ``NORMSWAP_KERNEL=fused``) record it like any stock op.
+  ``normswap::rms_norm`` (:mod:`normswap.kernels.ops`: fake kernel, autograd), so ``torch.compile`` and
+  ``torch.jit.trace`` record it like any stock op when ``NORMSWAP_KERNEL=fused`` asks for it.
 * ``torch_cuda``: on CUDA, ``torch.nn.functional.rms_norm`` is already a single fused kernel; bias is one add.
 * ``composite``: ``F.rms_norm`` plus bias from stock ops (:mod:`normswap.kernels.composite`). Used for other devices
   and dtypes, when the extension cannot be built (after one warning; an error with ``NORMSWAP_REQUIRE_KERNEL=1``),
-  and by default while ``torch.compile`` traces: inductor fuses it with the residual add in front of it, which beats
-  an opaque call to the fused kernel (numbers in :func:`_choose`).
+  and by default while ``torch.compile`` or ``torch.jit.trace`` traces: inductor fuses it with the residual add in
+  front of it, which beats an opaque call to the fused kernel (numbers in :func:`_choose`), and a TorchScript
+  artifact of stock ops runs without normswap (or Python) installed.
 
 ``NORMSWAP_KERNEL=composite|fused`` forces a backend (``auto`` or unset: choose as above). ``fused`` means "the fused
 kernel for this device": the C++ kernel on CPU, ``torch_cuda`` on CUDA; inputs it cannot take (float64, other
-devices) still run the composite, and :func:`selected_backend` says so; under ``torch.compile`` it puts the
-``normswap::rms_norm`` operator in the graph. ``composite`` is also the way to take a double backward (the fused
+devices) still run the composite, and :func:`selected_backend` says so; under ``torch.compile`` and
+``torch.jit.trace`` it puts the ``normswap::rms_norm`` operator in the graph. ``composite`` is also the way to take a double backward (the fused
 backward is once-differentiable).
 """
 
@@ -77,11 +78,12 @@ def _choose(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     Runs on every norm call, so it sticks to attribute checks (``is_cpu``, ``dtype``): under 1 us.
     """
     forced = _forced()
-    if forced == "composite" or (forced == "auto" and torch.compiler.is_compiling()):
-        # Under torch.compile, inductor fuses the composite with its neighbours (the residual add before every norm);
-        # the registered fused op is an opaque call it cannot fuse. Compiled add+norm, median of 7 on 2 cores:
-        # fp32 4096x768 3.1 ms composite vs 8.5 ms op (compiled LayerNorm 4.5), 4x768 45 vs 84 us; bf16 about even.
-        # NORMSWAP_KERNEL=fused still compiles the op in (no graph break), e.g. for backends other than inductor.
+    if forced == "composite" or (forced == "auto" and (torch.compiler.is_compiling() or torch.jit.is_tracing())):
+        # Tracers get stock ops by default. Under torch.compile, inductor fuses the composite with its neighbours (the
+        # residual add before every norm); the registered fused op is an opaque call it cannot fuse. Compiled
+        # add+norm, median of 7 on 2 cores: fp32 4096x768 3.1 ms composite vs 8.5 ms op (compiled LayerNorm 4.5),
+        # 4x768 45 vs 84 us; bf16 about even. A torch.jit.trace artifact holding stock ops runs wherever TorchScript
+        # runs (C++ included), which a Python-registered op does not. NORMSWAP_KERNEL=fused records the op instead.
         return "composite"
     if x.is_cpu:
         if (

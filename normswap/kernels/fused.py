@@ -5,9 +5,9 @@ Two ways into the same kernels:
 * eagerly, directly: inference calls the forward kernel (no autograd bookkeeping, no saved tensors, ~1 µs of
   overhead); when a gradient is needed, :class:`FusedRMSNormFunction` runs the same forward kernel, saves only ``x``
   and one fp32 ``rstd`` per row, and computes ``dx``, ``dweight`` and ``dbias`` in one fused backward kernel;
-* while ``torch.jit.trace`` or ``torch.compile`` records the model (the latter only with ``NORMSWAP_KERNEL=fused``:
-  by default it gets the composite, which inductor fuses), through the registered operators ``normswap::rms_norm`` /
-  ``normswap::rms_norm_backward`` (:mod:`normswap.kernels.ops`), because a tracer must see an operator, not an
+* while ``torch.compile`` or ``torch.jit.trace`` records the model with ``NORMSWAP_KERNEL=fused`` (by default they
+  get the composite, see :func:`normswap.kernels._choose`), through the registered operators ``normswap::rms_norm``
+  / ``normswap::rms_norm_backward`` (:mod:`normswap.kernels.ops`), because a tracer must see an operator, not an
   extension call (dynamo would break the graph there; jit.trace would freeze the first output).
 
 Why not the operator everywhere: its Python dispatch costs ~6 µs per call at inference (more than the kernel at
