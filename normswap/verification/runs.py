@@ -98,7 +98,10 @@ def capture(model: nn.Module, probes: dict, dtype: torch.dtype, blocks: list[Blo
         handles.append(model.get_submodule(name).register_forward_pre_hook(norm_hook(name)))
     was_training = model.training
     model.eval()
+    default = torch.get_default_dtype()
     try:
+        if dtype == torch.float64:  # tensors the forward creates itself (mask fill values) are float64 too
+            torch.set_default_dtype(torch.float64)
         with run_at(model, dtype, provider, override) as trace:
             try:
                 out = primary_output(model(**probes))
@@ -110,6 +113,7 @@ def capture(model: nn.Module, probes: dict, dtype: torch.dtype, blocks: list[Blo
                     f"{what} cannot run in {dtype_name(dtype)}: module {trace.last}: {type(exc).__name__}: {first}"
                 ) from exc
     finally:
+        torch.set_default_dtype(default)
         model.train(was_training)
         for h in handles:
             h.remove()
