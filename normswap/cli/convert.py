@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     evaluation = start_convert_evaluation(args, source, out)  # "before" must be measured before the in-place convert_
     report = normswap.convert_(
         source.model, approximate=args.approximate, fold_gain=args.fold_gain, fold_bias=args.fold_bias,
-        tolerance=args.tolerance, tokenizer=source.tokenizer,
+        tolerance=args.tolerance, tokenizer=source.tokenizer, dtype=out_dtype,
     )
     source.model.config.normswap = report.metadata(
         source.id, source.revision, str(out_dtype).removeprefix("torch.")
