@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from normswap import maths
-from normswap.adapters.spec import Adapter
 from normswap.discovery import readers as _readers
 from normswap.discovery.capture import Trace, same, trace
 from normswap.discovery.norms import find_norms
 from normswap.discovery.probing import optional_probes
+from normswap.discovery.result import Discovery, NormFinding
 from normswap.discovery.simulate import Fix, measure_fixes, norm_ratios
 from normswap.discovery.template import NormRole, WriterRole, build_adapter, module_lists, split_block
 from normswap.discovery.writers import (
@@ -42,6 +41,7 @@ from normswap.discovery.writers import (
     output_effect,
     param_candidates,
     raw_readers,
+    wrapper_aliases,
 )
 from normswap.errors import NormswapError
 
@@ -51,40 +51,6 @@ RATIO = 1e-6
 
 class DiscoveryError(NormswapError):
     """The model cannot be measured (a stochastic forward, a forward that fails on probe inputs)."""
-
-
-@dataclass
-class NormFinding:
-    name: str
-    status: str  # "exact" | "approximate" | "kept"
-    reason: str = ""
-    mean_ratio: float = 0.0
-    writes_stream: bool = False
-    readers: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Discovery:
-    """What discovery measured on one instance, and the adapter it amounts to (None: no LayerNorm-like module)."""
-
-    model_type: str
-    adapter: Adapter | None
-    norms: list[NormFinding]
-    rms_norms: list[str]
-    writers: list[Fix]
-    raw_readers: dict[str, str]
-    raw_stream_outputs: list[str]
-    seconds: float
-    timings: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def kept(self) -> dict[str, str]:
-        return {n.name: n.reason for n in self.norms if n.status == "kept"}
-
-    @property
-    def swapped(self) -> list[str]:
-        return [n.name for n in self.norms if n.status != "kept"]
 
 
 def _start(tr: Trace, name: str) -> int:
@@ -132,8 +98,13 @@ class _Engine:
         # Norms that compute in float32 whatever their input leave rounding-sized traces of an invisible shift.
         self.tol = REDUCED_TOL if max(f.noise for f in found if f.kind == "layernorm") > 1e-12 else OUTPUT_TOL
         mods = module_candidates(self.model, ref, hidden, skip=set())
+        aliases = wrapper_aliases(ref, mods)
         pars = param_candidates(self.model, ref, hidden, {f.name for f in found})
-        effects = measure(self.model, self.probes, ref, mods, "module", ln, self.seed + 1, self.tol)
+        effects = measure(self.model, self.probes, ref, [m for m in mods if m not in aliases], "module", ln,
+                          self.seed + 1, self.tol)
+        for wrapper, inner in aliases.items():  # a wrapper returning its child's output unchanged: same effect
+            e = effects[inner]
+            effects[wrapper] = Effect(wrapper, "module", list(e.visible), list(e.raw_outputs), set(e.feeds))
         effects.update(measure(self.model, self.probes, ref, pars, "param", ln, self.seed + 1000, self.tol))
         self.effects = effects
         t = self._tick("writers", t)

@@ -84,7 +84,11 @@ def find_norms(model: nn.Module, ref: Trace, seed: int = 0) -> list[FoundNorm]:
     modules = dict(model.named_modules())
     found: dict[str, FoundNorm] = {}
     for name, calls in ref.calls.items():
-        if not name or not calls:
+        if not name or not calls or calls[0].inp is None:
+            continue
+        # A norm owns at most a gain and a bias per feature; re-running a mixer or an attention block (d² weights)
+        # four times would only cost time (a Mamba mixer in float64 takes seconds).
+        if sum(p.numel() for p in modules[name].parameters()) > 4 * calls[0].inp.shape[-1]:
             continue
         results = [classify_call(modules[name], c, gen) for c in calls[:2]]
         kinds = {r[0] if r else None for r in results}

@@ -114,6 +114,24 @@ def module_candidates(model: nn.Module, ref: Trace, hidden: set[int], skip: set[
     return sorted(out, key=lambda n: ref.calls[n][0].start)
 
 
+def wrapper_aliases(ref: Trace, candidates: list[str]) -> dict[str, str]:
+    """{wrapper: innermost descendant} for candidates whose every output equals a descendant candidate's output.
+
+    Perturbing ``attn`` or ``attn.resid_dropout`` or ``attn.c_proj`` is the same experiment when all three return
+    the same tensor; only the innermost is run.
+    """
+    aliases: dict[str, str] = {}
+    names = set(candidates)
+    for name in candidates:
+        outs = [c.out for c in ref.calls[name]]
+        inner = [d for d in names if d.startswith(name + ".") and len(ref.calls[d]) == len(outs)
+                 and all(o is not None and c.out is not None and o.shape == c.out.shape and torch.equal(o, c.out)
+                         for o, c in zip(outs, ref.calls[d], strict=True))]
+        if inner:
+            aliases[name] = max(inner, key=lambda d: d.count("."))
+    return aliases
+
+
 def param_candidates(model: nn.Module, ref: Trace, hidden: set[int], norm_names: set[str]) -> list[str]:
     """Bare parameters with a hidden-sized last axis (cls/position/mask/register tokens, uncalled tables).
 

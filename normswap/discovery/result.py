@@ -1,0 +1,42 @@
+"""What discovery returns: the adapter, every norm's verdict with its reason, and how long it took."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from normswap.adapters.spec import Adapter
+from normswap.discovery.simulate import Fix
+
+
+@dataclass
+class NormFinding:
+    name: str
+    status: str  # "exact" | "approximate" | "kept"
+    reason: str = ""
+    mean_ratio: float = 0.0
+    writes_stream: bool = False
+    readers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Discovery:
+    """What discovery measured on one instance, and the adapter it amounts to (None: no LayerNorm-like module)."""
+
+    model_type: str
+    adapter: Adapter | None
+    norms: list[NormFinding]
+    rms_norms: list[str]
+    writers: list[Fix]
+    raw_readers: dict[str, str]
+    raw_stream_outputs: list[str]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> dict[str, str]:
+        return {n.name: n.reason for n in self.norms if n.status == "kept"}
+
+    @property
+    def swapped(self) -> list[str]:
+        return [n.name for n in self.norms if n.status != "kept"]
