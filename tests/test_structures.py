@@ -344,3 +344,21 @@ def test_a_norm_configured_away_as_identity_is_skipped_not_refused():
     s = resolve(model, get_adapter("gpt2"))
     assert "transformer.h.0.ln_1" in s.skipped_optional
     assert "transformer.h.1.ln_1" in [n.name for n in s.norms]
+
+
+def test_streaming_a_discovered_adapter_reads_legacy_keys_through_transformers_renaming(tmp_path):
+    """BEiT has no pin (so no disk_aliases) and saves ``encoder.layer.N.attention.attention.query``: streaming maps
+    the file's keys the way from_pretrained renames them, and equals the in-memory conversion (LayerScale included)."""
+    from tiny_models import perturb_
+
+    model = perturb_(T.BeitModel(T.BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=64, image_size=16, patch_size=4)))
+    model.save_pretrained(tmp_path / "src")
+    assert any(".attention.attention.query." in k for k in _read(tmp_path / "src"))
+    streamed = convert_streaming(tmp_path / "src", tmp_path / "streamed", verify="none", progress=False)
+    memory = _in_memory(tmp_path / "src", tmp_path / "memory")
+    a, b = _read(memory), _read(streamed.path)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert any(k.endswith("lambda_1") and torch.equal(v, torch.ones_like(v)) for k, v in b.items())

@@ -52,6 +52,8 @@ class NameMap:
         else:
             self.file_prefix = base_prefix if base_prefix and any(k.startswith(base_prefix) for k in keys) else ""
         self.aliases = dict(adapter.disk_aliases)
+        #: {loaded name: file key} as transformers renames the file's keys on load (see :func:`loaded_names`).
+        self.renamed: dict[str, str] = {}
         fragments = sorted(self.aliases, key=len, reverse=True)
         # A fragment matches whole dotted components only, and the substitution is one pass (no cascading).
         self._alias_re = re.compile(r"(?<![^.])(" + "|".join(map(re.escape, fragments)) + r")(?![^.])") if fragments \
@@ -78,6 +80,11 @@ class NameMap:
         return list(dict.fromkeys([pre + self._alias(rest), pre + rest]))
 
     def find(self, loaded: str) -> str | None:
+        """The file key holding the loaded tensor ``loaded``: transformers' own renaming of the file's keys first
+        (:func:`loaded_names`), then the adapter's ``disk_aliases`` and prefix rules."""
+        hit = self.renamed.get(loaded)
+        if hit is not None and hit in self.keys:
+            return hit
         return next((k for k in self.candidates(loaded) if k in self.keys), None)
 
     def output_key(self, file_key: str) -> str:
@@ -215,6 +222,36 @@ def _absent_ties(config: object, model: nn.Module, names: NameMap, plan: StreamP
     return absent
 
 
+def loaded_names(model: nn.Module, keys: set[str]) -> dict[str, str]:
+    """{loaded name: file key} for the file's keys, renamed the way ``from_pretrained`` renames them for ``model``.
+
+    transformers maps legacy spellings (ViT/DINOv2/BEiT ``attention.attention.query``, ``LayerNorm.gamma``) and a
+    missing or extra base-model prefix onto the module names, per model class; asking it directly lets a discovered
+    adapter, which has no ``disk_aliases``, stream too. Keys it merges or splits (DINOv2's SwiGLU ``weights_in``) are
+    left out: they are never writers or norms. Empty when this transformers has no such API.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - older transformers, or a class it has no mapping machinery for
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+    out: dict[str, str] = {}
+    for key in sorted(keys):
+        try:
+            name, converter = rename_source_key(key, renamings, converters, prefix, meta)
+        except Exception:  # noqa: BLE001 - a key it cannot rename keeps the alias rules
+            continue
+        if converter is None and name in meta:
+            out.setdefault(name, key)
+    return out
+
+
 def plan_streaming(config: object, model_cls: type, adapter: Adapter, keys) -> StreamPlan:
     """Resolve every role of ``adapter`` (by :func:`normswap.structure.resolve`, on a meta skeleton of the model,
     exactly as the in-memory path resolves it on the live model), then map the names to file keys."""
@@ -223,10 +260,12 @@ def plan_streaming(config: object, model_cls: type, adapter: Adapter, keys) -> S
     structure = resolve(model, adapter, config)
     base = getattr(model, "base_model_prefix", "") or ""
     names = NameMap(adapter, structure.prefix, keys, base + "." if base else "")
+    names.renamed = loaded_names(model, keys)
     first_list = next(iter(structure.block_lists.values()), 0)
     for loaded, count in structure.block_lists.items():
-        pattern = names.list_pattern(loaded)
+        pattern, loaded_pattern = names.list_pattern(loaded), re.compile(rf"^{re.escape(loaded)}\.(\d+)\.")
         on_disk = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+        on_disk |= {int(m.group(1)) for k in names.renamed if (m := loaded_pattern.match(k))}
         if on_disk != set(range(count)):
             held = f"blocks {min(on_disk)}..{max(on_disk)} ({len(on_disk)} of them)" if on_disk else "no blocks"
             raise CheckpointError(
