@@ -98,7 +98,7 @@ class _Engine:
         # Norms that compute in float32 whatever their input leave rounding-sized traces of an invisible shift.
         self.tol = REDUCED_TOL if max(f.noise for f in found if f.kind == "layernorm") > 1e-12 else OUTPUT_TOL
         mods = module_candidates(self.model, ref, hidden, skip=set())
-        aliases = wrapper_aliases(ref, mods)
+        aliases = self.aliases = wrapper_aliases(ref, mods)
         pars = param_candidates(self.model, ref, hidden, {f.name for f in found})
         effects = measure(self.model, self.probes, ref, [m for m in mods if m not in aliases], "module", ln,
                           self.seed + 1, self.tol)
@@ -234,10 +234,12 @@ class _Engine:
         for n in failing:
             if any(n in e.feeds and not e.invisible for e in effects.values()):
                 continue  # a writer of this stream is visible: no re-centring can make it exact
-            # A producer re-centred at run time must write a real stream (read by several norms), and must not hold
-            # norms itself (re-centring a whole block would hide what is inside it).
+            # A producer re-centred at run time must write a real stream (read by several norms, or summed with
+            # other writers into this norm's input), and must not hold norms itself (re-centring a whole block would
+            # hide what is inside it).
+            summed = sum(1 for e in effects.values() if n in e.feeds and e.invisible and e.name not in self.aliases)
             feeders = [e.name for e in effects.values()
-                       if n in e.feeds and len(e.feeds) >= 2 and e.invisible and e.kind == "module"
+                       if n in e.feeds and (len(e.feeds) >= 2 or summed >= 2) and e.invisible and e.kind == "module"
                        and e.name not in fixed and e.name not in self.scaled
                        and affine_layout(self.modules[e.name]) is None
                        and not any(m.startswith(e.name + ".") for m in ln)
