@@ -1,8 +1,8 @@
 """Census of BatchNorm folding over every model type of the installed transformers.
 
 For each ``model_type`` in ``transformers.CONFIG_MAPPING`` whose modelling code uses BatchNorm, build a small random
-instance (``normswap.discovery.instance.tiny_instance``: shrunk config, fp32, perturbed), move every BatchNorm's
-running statistics and affine parameters away from identity, run ``normswap.batchnorm.fold_batchnorms_`` (structure
+instance (the config shrunk by ``normswap.discovery.instance.tiny_config``, else the default config with a small
+image; fp32, random init), move every BatchNorm's running statistics and affine parameters away from identity, run ``normswap.batchnorm.fold_batchnorms_`` (structure
 measured on one probe forward), and record how many BatchNorms folded, which stayed and why, and the relative
 max |Δ| of the model's primary output against the unfolded model (target ≤ 1e-5 in fp32). Writes a markdown table:
 
@@ -16,6 +16,7 @@ import argparse
 import copy
 import importlib
 import json
+import math
 import re
 import signal
 import sys
@@ -35,6 +36,19 @@ TOLERANCE = 1e-5
 PREFERRED = ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
              "MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
 _BN_TEXT = re.compile(r"BatchNorm[123]d|SyncBatchNorm|_BatchNorm")
+
+
+def _clap_features(config) -> dict:
+    audio = getattr(config, "audio_config", config)
+    return {"input_features": torch.randn(2, 1, 1001, audio.num_mel_bins, generator=torch.Generator().manual_seed(0))}
+
+
+#: Inputs the generic probe builder cannot guess (a spectrogram laid out as an image); merged over its probes.
+PROBE_EXTRA = {"clap": _clap_features, "clap_audio_model": _clap_features}
+
+
+def _no_extra(_config) -> dict:
+    return {}
 
 
 class _Timeout(Exception):
@@ -102,13 +116,15 @@ def default_sized(config):
         for key in ("use_timm_backbone", "use_pretrained_backbone"):
             if getattr(cfg, key, None):
                 setattr(cfg, key, False)
+        if getattr(getattr(cfg, "backbone_config", None), "model_type", None) == "timm_backbone":
+            cfg.backbone_config = transformers.ResNetConfig(out_features=["stage1", "stage2", "stage3", "stage4"])
         if isinstance(getattr(cfg, "num_queries", None), int):
             cfg.num_queries = min(cfg.num_queries, 10)  # detection heads pick top-k of the (few) small-image anchors
     return config
 
 
 def census_one(model_type: str, seconds: int) -> dict:
-    from normswap.discovery.instance import probe_inputs, tiny_instance
+    from normswap.discovery.instance import probe_inputs, tiny_config
 
     row: dict = {"model_type": model_type}
 
@@ -124,9 +140,10 @@ def census_one(model_type: str, seconds: int) -> dict:
             return {**row, "status": "skipped", "why": "no model class in transformers"}
         row["class"] = cls.__name__
         try:
-            model = tiny_instance(cls, config, dtype=torch.float32)
+            torch.manual_seed(0)  # random init: shifting every weight (as the LayerNorm census does) makes deep
+            model = cls._from_config(tiny_config(config), dtype=torch.float32).eval()  # nets ill-conditioned in fp32
             row["instance"] = "shrunk config"
-            probes = probe_inputs(model)
+            probes = {**probe_inputs(model), **PROBE_EXTRA.get(model_type, _no_extra)(model.config)}
             with torch.no_grad():
                 model(**probes)
         except _Timeout:
@@ -135,7 +152,7 @@ def census_one(model_type: str, seconds: int) -> dict:
             torch.manual_seed(0)  # random init, unperturbed: a default-depth net with shifted weights overflows
             model = cls._from_config(default_sized(config), dtype=torch.float32).eval()
             row["instance"] = "default config, small image"
-            probes = probe_inputs(model)
+            probes = {**probe_inputs(model), **PROBE_EXTRA.get(model_type, _no_extra)(model.config)}
         model.eval()
         row["batchnorms"] = sum(isinstance(m, _BatchNorm) for m in model.modules())
         frozen = sum(1 for m in model.modules() if "BatchNorm" in type(m).__name__ and not isinstance(m, _BatchNorm))
@@ -147,6 +164,9 @@ def census_one(model_type: str, seconds: int) -> dict:
         perturb_batchnorms_(model)
         report = fold_batchnorms_(model, probes=probes, tolerance=TOLERANCE)
         ver = report.verification
+        row.update(original_error=ver.original_error, converted_error=ver.converted_error)
+        if not all(map(math.isfinite, (ver.rel_max_abs_diff, ver.original_error))):
+            return {**row, "status": "error", "why": "the unfolded model's outputs are not finite on the probe"}
         row.update(folded=len(report.folded), instance=row.get("instance"), kept=report.kept, rel=ver.rel_max_abs_diff,
                    into_linear=sum(isinstance(model.get_submodule(p.into), nn.Linear) for p in report.folded),
                    status="pass" if ver.rel_max_abs_diff <= TOLERANCE else "fail")
@@ -156,7 +176,8 @@ def census_one(model_type: str, seconds: int) -> dict:
         import traceback
 
         where = traceback.extract_tb(exc.__traceback__)[-1]
-        text = str(exc).splitlines()[0][:160] if str(exc) else f"raised in {Path(where.filename).name}:{where.lineno}"
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        text = first[:160] or f"raised in {Path(where.filename).name}:{where.lineno}"
         row.update(status="error", why=f"{type(exc).__name__}: {text}")
     finally:
         signal.alarm(0)
@@ -188,14 +209,17 @@ def markdown(rows: list[dict], env: str, command: str) -> str:
         "a torch BatchNorm, built small (shrunk config, fp32, random weights with BatchNorm statistics and affine "
         "parameters moved away from identity), folded by `normswap.batchnorm.fold_batchnorms_` (structure measured on "
         "one probe forward), and compared with the unfolded model on the same probe inputs: relative max |Δ| of the "
-        f"primary output (logits, or the last hidden state), target ≤ {TOLERANCE:.0e}.",
+        f"primary output (logits, or the last hidden state), target ≤ {TOLERANCE:.0e}. The *vs float64* column is "
+        "the same figure for the unfolded fp32 model and for the folded one against the model run in float64: the "
+        "fold itself is exact in float64, so the two are rounding of the same size.",
         "",
         f"**Totals:** {len(with_bn)} model types built with BatchNorms; {len(passed)} fold within {TOLERANCE:.0e} "
         f"(worst {worst:.2e}); {folded} of {total} BatchNorms folded; kept: "
         + (", ".join(f"{n} {k}" for k, n in kept_kinds.most_common()) or "none") + ".",
         "",
-        "| model_type | class | BatchNorms | folded (into Linear) | kept: reason | rel max \\|Δ\\| | status |",
-        "|---|---|---:|---:|---|---:|---|",
+        "| model_type | class | BatchNorms | folded (into Linear) | kept: reason | rel max \\|Δ\\| | vs float64: "
+        "original / folded | status |",
+        "|---|---|---:|---:|---|---:|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["model_type"]):
         kept = r.get("kept") or {}
@@ -205,8 +229,9 @@ def markdown(rows: list[dict], env: str, command: str) -> str:
             kept_text = r.get("why", "").replace("|", "\\|")[:200]
         rel = f"{r['rel']:.1e}" if "rel" in r else "—"
         folded = f"{r['folded']} ({r['into_linear']})" if "folded" in r else "—"
+        f64 = f"{r['original_error']:.1e} / {r['converted_error']:.1e}" if r.get("converted_error") is not None else "—"
         lines.append(f"| {r['model_type']} | {r.get('class', '—')} | {r.get('batchnorms', '—')} | {folded} | "
-                     f"{kept_text} | {rel} | {r['status']} |")
+                     f"{kept_text} | {rel} | {f64} | {r['status']} |")
     lines += ["", "Statuses: **pass** folded within tolerance; **fail** folded but over tolerance; **nothing-folds** "
               "BatchNorms present, none after a conv/linear; **no-batchnorm** the built class has no torch BatchNorm "
               "(e.g. only frozen BatchNorm-like modules, or BatchNorm only in an optional backbone); **error** the "
