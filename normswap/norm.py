@@ -56,8 +56,32 @@ def is_layernorm_like(module: nn.Module) -> bool:
         return False
     if isinstance(module, nn.LayerNorm):
         return True
-    return type(module).__name__.endswith("LayerNorm") and (
-        getattr(module, "normalized_shape", None) is not None or isinstance(getattr(module, "weight", None), nn.Parameter))
+    if not type(module).__name__.endswith("LayerNorm"):
+        return False
+    try:
+        shape = norm_shape(module)
+    except ValueError:
+        return False
+    return _subtracts_mean(module, shape)
+
+
+@torch.no_grad()
+def _subtracts_mean(module: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Measured, not guessed from the name: T5's ``T5LayerNorm`` is an RMSNorm. Adding a constant to the input
+    leaves a LayerNorm's output unchanged. A meta-device module (a skeleton) cannot run and is taken by its name."""
+    param = next(module.parameters(), None)
+    if param is not None and param.device.type == "meta":
+        return True
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else x.dtype)
+    try:
+        a, b = module(x), module(x + 3.0)
+    except Exception:  # noqa: BLE001 - a module that cannot run on a plain tensor is not a drop-in norm
+        return False
+    if not isinstance(a, torch.Tensor):
+        return False
+    return bool(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2))
 
 
 class RMSNorm(nn.Module):

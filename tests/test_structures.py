@@ -207,6 +207,7 @@ def test_build_plan_accepts_custom_norms_and_ensure_has_layernorm_sees_them():
         ensure_has_layernorm(make(row))  # no "this model has no LayerNorm modules"
     assert is_layernorm_like(nn.LayerNorm(4)) and not is_layernorm_like(RMSNorm(4))
     assert not is_layernorm_like(T.models.llama.modeling_llama.LlamaRMSNorm(4))
+    assert not is_layernorm_like(T.models.t5.modeling_t5.T5LayerNorm(4))  # an RMSNorm by behaviour, despite its name
 
 
 def test_structure_resolves_every_stack_of_an_encoder_decoder():
