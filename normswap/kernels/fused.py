@@ -10,9 +10,9 @@ Two ways into the same kernels:
   / ``normswap::rms_norm_backward`` (:mod:`normswap.kernels.ops`), because a tracer must see an operator, not an
   extension call (dynamo would break the graph there; jit.trace would freeze the first output).
 
-Why not the operator everywhere: its Python dispatch costs ~6 µs per call at inference (more than the kernel at
-one-token decode sizes) and made an eager forward+backward ~2x slower than this autograd.Function on 2 CPU cores
-(1×768: 119 → 253 µs; 1024×768: 1.6 → 3.4 ms; interleaved timing loops, best of 5, torch 2.13.0+cpu).
+Why not the operator everywhere: its Python dispatch adds ~6 µs per inference call (more than the kernel itself at
+one-token decode sizes) and ~150 µs per forward+backward (1×768 on 2 shared cores, best of 5 interleaved loops:
+142 µs through this autograd.Function, 290 µs through the operator), for the same kernels.
 """
 
 from __future__ import annotations
