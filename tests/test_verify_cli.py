@@ -22,10 +22,10 @@ from normswap.verification import folder as folder_mod
 from normswap.verification.folder import verify_folder
 
 
-def neox(layers: int = 4, tied: bool = False) -> torch.nn.Module:
+def neox(layers: int = 4, tied: bool = False, hidden: int = 48) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = T.GPTNeoXConfig(vocab_size=V, hidden_size=48, num_hidden_layers=layers, num_attention_heads=4,
-                          intermediate_size=96, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    cfg = T.GPTNeoXConfig(vocab_size=V, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                          intermediate_size=2 * hidden, bos_token_id=0, eos_token_id=0, pad_token_id=0,
                           tie_word_embeddings=tied)
     return perturb_(T.GPTNeoXForCausalLM(cfg))
 
@@ -62,13 +62,7 @@ def test_a_good_conversion_passes_with_the_in_memory_figures(pair, capsys):
 def test_one_uncentred_writer_on_disk_is_caught_and_named(pair, tmp_path, capsys, block, writer):
     src, out, _ = pair
     broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in out.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(str(broken / "model.safetensors"))
-    key = f"gpt_neox.layers.{block}.{writer}.weight"
-    tensors[key] = load_file(str(src / "model.safetensors"))[key]  # the original, uncentred writer
-    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    break_writer(src, out, broken, f"gpt_neox.layers.{block}.{writer}.weight")  # the original, uncentred writer
     assert main(["verify", str(broken), "--against", str(src)]) == 1
     text = capsys.readouterr().out
     assert f"FAILED: block {block}: {writer} output not centred" in text, text
@@ -78,11 +72,51 @@ def test_one_uncentred_writer_on_disk_is_caught_and_named(pair, tmp_path, capsys
     assert all(b["passed"] for b in got["blocks"][:block])
 
 
+def break_writer(src, out, dest, key: str) -> None:
+    """A copy of ``out`` with the tensor ``key`` put back to its original (uncentred) value."""
+    dest.mkdir()
+    for f in out.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(dest / "model.safetensors"))
+    tensors[key] = load_file(str(src / "model.safetensors"))[key]
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_one_broken_block_of_24_is_named(tmp_path, capsys):
+    src, out, _ = convert_pair(neox(layers=24, hidden=32), tmp_path)
+    assert main(["verify", str(out), "--against", str(src)]) == 0
+    assert "24 blocks checked" in capsys.readouterr().out
+    break_writer(src, out, tmp_path / "broken", "gpt_neox.layers.17.mlp.dense_4h_to_h.bias")
+    assert main(["verify", str(tmp_path / "broken"), "--against", str(src)]) == 1
+    assert "FAILED: block 17: mlp.dense_4h_to_h output not centred" in capsys.readouterr().out
+
+
+def test_cli_convert_bf16_reports_bf16_figures(tmp_path, capsys):
+    model = make("gpt_neox-sequential")
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--dtype", "bfloat16",
+                 "--no-eval"]) == 0
+    text = capsys.readouterr().out
+    assert "from the float64 original; the original in bf16: " in text
+    ver = json.loads((tmp_path / "out" / "config.json").read_text())["normswap"]["verification"]
+    assert ver["dtype"] == "bf16" and ver["passed"] and "the original in bf16" in ver["summary"]
+    assert main(["verify", str(tmp_path / "out"), "--against", str(tmp_path / "src"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["dtype"] == "bf16" and got["converted_error"] == pytest.approx(ver["converted_error"], rel=1e-6)
+
+
 def test_bad_input_exits_2_with_one_line(pair, tmp_path, capsys):
     src, out, _ = pair
     other = tmp_path / "other"
     normswap.convert_(gpt2 := make("gpt2"))
     normswap.save(gpt2, other)
+    nan_src = tmp_path / "nan-src"
+    nan_src.mkdir()
+    for f in src.iterdir():
+        (nan_src / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(nan_src / "model.safetensors"))
+    tensors["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"][0, 0] = float("nan")
+    save_file(tensors, str(nan_src / "model.safetensors"), metadata={"format": "pt"})
     capsys.readouterr()  # the save's progress bar
     cases = [
         ([str(tmp_path / "missing"), "--against", str(src)], "does not exist"),
@@ -90,6 +124,8 @@ def test_bad_input_exits_2_with_one_line(pair, tmp_path, capsys):
         ([str(src), "--against", str(src)], "is not a normswap output"),
         ([str(out), "--against", str(out)], "is itself a normswap output"),
         ([str(other), "--against", str(src)], "architectures do not match"),
+        ([str(out), "--against", str(nan_src)], "not finite in float64 on the probe inputs: the first module with "
+                                                "NaN/Inf output is gpt_neox.layers.1.mlp.dense_h_to_4h"),
     ]
     for argv, message in cases:
         assert main(["verify", *argv]) == 2, argv
