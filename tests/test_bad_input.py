@@ -29,13 +29,27 @@ def leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if "normswap-tmp" in p.name or "normswap-old" in p.name]
 
 
-def test_unknown_architecture_names_type_supported_list_and_how_to_add():
+def test_unknown_architecture_that_discovery_cannot_resolve_says_how_to_add(tmp_path, monkeypatch, capsys):
+    """No declared adapter and discovery fails (simulated: discovery resolves XGLM these days): one readable error."""
+    import normswap.discovery as discovery
+
+    def cannot(*args, **kwargs):
+        raise discovery.DiscoveryError("no residual stream found")
+
+    monkeypatch.setattr(discovery, "discover_from_config", cannot)
     model = perturb_(T.AutoModelForCausalLM.from_config(T.XGLMConfig(vocab_size=64, d_model=32, num_layers=2,
                                                                        attention_heads=4, ffn_dim=64)))
     with pytest.raises(UnsupportedArchitectureError) as exc:
         normswap.convert_(model)
     msg = str(exc.value)
-    assert "'xglm'" in msg and "gpt2" in msg and "bloom" in msg and "register" in msg and "adapter" in msg
+    assert "'xglm'" in msg and "register" in msg and "adapter" in msg and "no residual stream found" in msg
+    src = save_source(model, tmp_path / "src")
+    before = digest(src)
+    capsys.readouterr()  # the test's own save_pretrained progress bar
+    assert main(["convert", str(src), "-o", str(tmp_path / "out"), "--no-eval"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("normswap: error:") and "'xglm'" in err[0]
+    assert digest(src) == before and not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_already_rmsnorm_exits_zero_without_writing(tmp_path, capsys):
