@@ -184,7 +184,7 @@ def test_keep_centered_holds_layerscale_at_one_and_ignores_recentred_writers():
     model = make("dinov2")
     normswap.convert_(model)
     handle = keep_centered_(model)
-    assert handle.scales and all(float(p.min()) == 1.0 for _, p in handle.scales)
+    assert handle.scales and all(float(p.detach().min()) == 1.0 for _, p in handle.scales)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probes = make_probes(model)
     model.train()
