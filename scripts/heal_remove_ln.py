@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -25,13 +26,17 @@ VALID = SHARED / "data" / "shakespeare" / "valid.txt"
 RECIPES = {"none": "remove-ln", "dyt": "dyt"}
 
 
-def run(cmd: list[str], threads: int) -> float:
-    """Run one normswap command (``python -m normswap ...``) with ``threads`` torch threads; returns wall seconds."""
+def run(cmd: list[str], threads: int) -> dict:
+    """Run one normswap command (``python -m normswap ...``) with ``threads`` torch threads; returns its wall and
+    CPU seconds (CPU time is what the machine gave it: on a shared machine, wall time alone says little)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     print("$", " ".join(cmd), flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "normswap", *cmd], check=True, env=env)
-    return time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu, "load_average_after": os.getloadavg()}
 
 
 def cross_entropy(model, tokenizer, text: str, seq_len: int = 256) -> tuple[float, int]:
@@ -66,13 +71,14 @@ def generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " / ").strip()
 
 
-def measure(work: Path, targets: list[str], new_tokens: int) -> dict:
+def measure(work: Path, targets: list[str], new_tokens: int, threads: int) -> dict:
     import torch
     import transformers
 
     import normswap
 
     torch.manual_seed(0)
+    torch.set_num_threads(threads)
     valid = VALID.read_text(encoding="utf-8")
     tok = transformers.AutoTokenizer.from_pretrained(MODEL)
     original = transformers.AutoModelForCausalLM.from_pretrained(MODEL).eval()
@@ -146,8 +152,8 @@ def main() -> int:
                    str(TRAIN), "--eval-text-file", str(VALID), "-o", str(healed), "--force"]
             cmd += [f"--set={o}" for o in args.overrides] + (["--resume"] if args.resume else [])
             walls[target] = run(cmd, args.threads)
-    results = measure(args.work, args.targets, args.new_tokens)
-    results["command_wall_s"] = walls
+    results = measure(args.work, args.targets, args.new_tokens, args.threads)
+    results["commands"] = walls
     results["load_average_at_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
