@@ -108,10 +108,6 @@ def count_parameters(folder: Path) -> int | None:
     return total
 
 
-def _num(x: float | None, fmt: str = ".3e") -> str:
-    return "n/a" if x is None else format(x, fmt)
-
-
 def _human_count(n: int | None) -> str:
     if n is None:
         return "unknown"
