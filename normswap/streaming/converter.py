@@ -25,6 +25,7 @@ import torch
 import transformers
 
 from normswap.adapters import adapter_for_config
+from normswap.adapters.registry import discovery_note
 from normswap.checkpoint import (
     carry_over_files,
     check_output_not_source,
@@ -247,6 +248,8 @@ def convert_streaming(
                        ", ".join(str(p) for p in stale))
 
     report = build_report(plan)
+    if adapter.origin == "discovered":
+        report.notes.insert(0, discovery_note(adapter))
     out_dtype_name = str(out_dtype).removeprefix("torch.") if out_dtype is not None else _dominant_dtype(source)
     source_id = str(src)
 
