@@ -89,3 +89,12 @@ def test_declared_adapters_win():
     model = T.GPT2LMHeadModel(cfg)
     assert registry.adapter_for(model) is registry.get_adapter("gpt2")
     assert registry.adapter_for(_mpt()).origin == "discovered"
+
+
+def test_per_stage_template_does_not_transfer_to_a_different_stage_count():
+    # Discovery measures Swin on 2 stages: the last stage has no patch merging reading it raw, the first does. A
+    # 4-stage Swin would get the wrong stage's verdicts, so it is refused up front, naming the stage list.
+    with torch.device("meta"):
+        swin = T.SwinModel(T.SwinConfig())
+    with pytest.raises(UnsupportedArchitectureError, match=r"encoder\.layers has 2 entries.*this model has 4"):
+        registry.adapter_for(swin)

@@ -93,8 +93,36 @@ def adapter_for_config(config: Any, model_cls: type | None = None) -> Adapter:
 
 
 def adapter_for(model: Any) -> Adapter:
-    """The adapter for a live (or meta-device) model: declared when there is one, else discovered."""
-    return adapter_for_config(model.config, type(model))
+    """The adapter for a live (or meta-device) model: declared when there is one, else discovered.
+
+    A discovered template is checked against the model: roles measured per stage of a hierarchical backbone
+    (``encoder.layers.1.blocks``) only transfer when the model has as many stages as the instance had.
+    """
+    adapter = adapter_for_config(model.config, type(model))
+    if adapter.origin == "discovered":
+        _check_stages(adapter, model)
+    return adapter
+
+
+def _check_stages(adapter: Adapter, model: Any) -> None:
+    from normswap.discovery import discover_from_config
+    from normswap.discovery.template import base_prefix, module_lists
+
+    measured = discover_from_config(model.config, type(model)).list_lengths
+    real = module_lists(model)
+    prefix = base_prefix(model)
+    paths = [adapter.blocks, *(s.blocks for s in adapter.stacks), *(w.path for w in adapter.embeddings),
+             *(n.path for n in adapter.other_norms)]
+    for path in paths:
+        parts = (prefix + path).split(".")
+        for k in range(1, len(parts)):
+            outer = ".".join(parts[:k])
+            if parts[k].isdigit() and parts[k] != "0" and outer in measured and real.get(outer) != measured[outer]:
+                raise UnsupportedArchitectureError(
+                    f"discovery measured this {adapter.model_type} model on a small instance whose {outer} has "
+                    f"{measured[outer]} entries, and the roles differ from one entry to the next ({path}); this "
+                    f"model has {real.get(outer, 0)}, so the measured structure does not transfer and nothing is "
+                    "converted on a guess. " + _HOW_TO_ADD)
 
 
 def discovery_note(adapter: Adapter) -> str:

@@ -149,7 +149,7 @@ class _Engine:
             self.notes.append(f"roles outside the base model cannot be declared: {', '.join(unexpressed)}")
         del sim
         return Discovery(model_type, adapter, findings, rms, fixes, raw, stream_outputs,
-                         time.perf_counter() - t0, self.timings, self.notes)
+                         time.perf_counter() - t0, self.timings, self.notes, module_lists(self.model))
 
     # --- writers ---------------------------------------------------------------------------------------------------
 

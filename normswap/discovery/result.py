@@ -32,6 +32,9 @@ class Discovery:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Length of every ModuleList of the instance (full names): a model whose stage lists differ in length cannot
+    #: take a template measured per stage (see :func:`normswap.adapters.registry.adapter_for`).
+    list_lengths: dict[str, int] = field(default_factory=dict)
 
     @property
     def kept(self) -> dict[str, str]:
