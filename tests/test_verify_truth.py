@@ -163,3 +163,21 @@ def test_an_original_that_cannot_run_in_float64_is_refused_naming_the_module():
     with pytest.raises(VerificationError, match=r"cannot run in float64: module gpt_neox\.layers\.0\.attention\.dense"):
         normswap.convert_(model)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # nothing left cast
+
+
+def test_report_and_card_say_both_errors_in_words():
+    from normswap.evaluate.report import markdown_table
+    from normswap.verification.wording import verification_section
+
+    model = neox_with_massive_means()
+    report = normswap.convert_(model)
+    ver = model.config.normswap["verification"]
+    table = markdown_table({"verification": ver})
+    assert f"| {ver['original_error']:.1e} | {ver['converted_error']:.1e} | passed |" in table
+    assert "from the float64 original, both in fp32" in table
+    card = "\n".join(verification_section(model.config.normswap))
+    assert f"**PASSED**: converted: {ver['converted_error']:.1e} from the float64 original; the original in fp32: " \
+           f"{ver['original_error']:.1e}" in card
+    assert "| blocks checked | 3 " in card and report.verification.summary() == ver["summary"]
+    approx = {"verification": {**ver, "mode": "approximate"}}
+    assert "PASSED" not in "\n".join(verification_section(approx)) and "approximate" in markdown_table(approx)
