@@ -80,12 +80,13 @@ def count_layernorms(model: nn.Module) -> int:
 
 
 def _output_folder(args: argparse.Namespace, src: str) -> Path:
-    from normswap.checkpoint import check_output_target
+    """The same output checks as the default path: not the source, not an existing folder, writable."""
+    from normswap.outputs import check_output_not_source, check_output_target, probe_output_location
 
-    out = Path(args.output) if args.output else Path.cwd() / f"{Path(src.rstrip('/')).name}-{args.to}"
-    if Path(src).exists() and out.resolve() == Path(src).resolve():
-        raise NormswapError("the output folder is the source folder; normswap never modifies the source")
+    out = Path(args.output).expanduser() if args.output else Path.cwd() / f"{Path(src.rstrip('/')).name}-{args.to}"
+    check_output_not_source(out, src)
     check_output_target(out.resolve(), args.force)
+    probe_output_location(out)
     return out
 
 
@@ -95,6 +96,7 @@ def run_removal_target(args: argparse.Namespace) -> int:
     from normswap.batchnorm import BatchStatisticsError, NothingToFoldError, batchnorm_modules
     from normswap.batchnorm.cli import say
     from normswap.checkpoint import load_source
+    from normswap.outputs import check_output_not_source
 
     if getattr(args, "streaming", False):
         raise NormswapError(f"--streaming converts LayerNorm → RMSNorm only; drop it for --to {args.to}")
@@ -107,10 +109,11 @@ def run_removal_target(args: argparse.Namespace) -> int:
     if args.to == "dyt" and not args.approximate:
         raise NormswapError("--to dyt replaces LayerNorm by Dynamic Tanh, which is an approximation: pass "
                             "--approximate (then heal it with `normswap finetune --recipe recipes/dyt.yaml`)")
-    src = resolve_model(args.src)
+    src = resolve_model(args.src, args.revision)
     out = _output_folder(args, src)
     say(args, f"loading {src}")
     source = load_source(src, dtype="float32", device=args.device, revision=args.revision)
+    check_output_not_source(out, source.local_dir)  # a Hub id's snapshot in the local cache is a source too
     if args.approximate:
         return _run_removal(args, source, out)
     if not batchnorm_modules(source.model):
