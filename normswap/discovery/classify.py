@@ -35,7 +35,8 @@ class NormInfo:
     class_name: str
     axis: str = "last"  # "last" | "channels" (channels-first LayerNorm on [B, C, H, W])
     #: "pre": reads stream (its input = an earlier norm's input + writes); "post": reads an earlier norm's output +
-    #: writes; "reads-norm-output": its input is an earlier norm's output (that norm writes the stream); None: unlinked.
+    #: writes; "reads-norm-output": its input is an earlier norm's output (that norm writes the stream); "not-run":
+    #: a LayerNorm class the probe never executed (known by class only); None: unlinked.
     link: str | None = None
     link_from: str | None = None
 
@@ -239,6 +240,16 @@ def _links(norms: list[NormInfo], calls: dict[str, _Call], norm_names: set[str])
 
 def find_norms(model: nn.Module, probes: dict, *, seed: int = 0) -> list[NormInfo]:
     """Every norm of ``model`` (run once on ``probes``), found by behaviour, with its stream links."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # some modelling code builds float constants at the default dtype (XGLM)
+    try:
+        return _find_norms(model, probes, seed)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _find_norms(model: nn.Module, probes: dict, seed: int) -> list[NormInfo]:
     calls = _record(model, probes)
     gen = torch.Generator().manual_seed(seed)
     norms: list[NormInfo] = []
@@ -252,6 +263,12 @@ def find_norms(model: nn.Module, probes: dict, *, seed: int = 0) -> list[NormInf
         if kind is not None:
             norms.append(NormInfo(name, kind, type(module).__name__, axis))
     _links(norms, calls, {n.name for n in norms})
+    # Modules the probe never ran (a VLM's vision tower when the prompt could not carry an image) cannot be measured;
+    # LayerNorm classes among them are still LayerNorms, so they are listed rather than silently dropped.
+    for name, module in model.named_modules():
+        if name and name not in calls and (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(
+                "LayerNorm") and "rms" not in type(module).__name__.lower()):
+            norms.append(NormInfo(name, "layernorm", type(module).__name__, link="not-run"))
     return norms
 
 
@@ -263,7 +280,7 @@ def classify_norms(norms: list[NormInfo]) -> Classification:
     notes = []
     position = None
     if ln:
-        links = {n.link for n in ln}
+        links = {n.link for n in ln if n.link != "not-run"}
         if "post" in links:
             position = "post"
             notes.append("post-LN: " + ", ".join(n.name for n in ln if n.link == "post")[:300])
@@ -274,6 +291,9 @@ def classify_norms(norms: list[NormInfo]) -> Classification:
             notes.append("LayerNorm not on a residual stream between norms (no link measured)")
     if other:
         notes.append(f"{len(other)} batch/group/instance norm(s): {', '.join(sorted({n.kind for n in other}))}")
+    not_run = [n.name for n in ln if n.link == "not-run"]
+    if not_run:
+        notes.append(f"{len(not_run)} LayerNorm module(s) not run by the probe (known by class only), e.g. {not_run[0]}")
     if ln and rms:
         category = "mixed"
     elif ln:

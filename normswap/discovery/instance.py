@@ -132,6 +132,11 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
     for k in _HEAD_DIM_KEYS:
         if _is_int(d.get(k)) and d[k] > 0:
             d[k] = HEAD_DIM
+    if "head_dim" in d and d["head_dim"] is None and heads_old is not None:  # "derive it" = hidden / heads anyway
+        d["head_dim"] = HEAD_DIM
+    for k, v in list(d.items()):  # per-layer overrides keyed by layer index (Gemma 4 per_layer_config)
+        if isinstance(v, dict) and k.startswith("per_layer") and v and all(str(i).isdigit() for i in v):
+            d[k] = {i: c for i, c in v.items() if int(i) < LAYERS}
     for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):  # MLA (DeepSeek)
         if _is_int(d.get(k)) and d[k] > 0:
             d[k] = HEAD_DIM
@@ -223,14 +228,20 @@ def _shrink_vision(d: dict) -> None:
         d["window_size"] = 4
 
 
+#: Model types whose modelling code defaults to a multimodal-RoPE split of head_dim/2 (checked in transformers 5.24).
+_MROPE_TYPES = ("cohere_compass", "cosmos3_edge", "ernie4_5_vl", "glm4v", "glm_image", "glm_ocr", "hunyuan_vl",
+                "hy_v4_vl", "paddleocr_vl", "qwen2_5_omni", "qwen2_5_vl", "qwen2_vl", "qwen3_5", "qwen3_omni",
+                "qwen3_vl", "qwen4_exp")
+
+
 def _shrink_rope(d: dict) -> None:
     """Multimodal RoPE splits head_dim/2 into sections (Qwen2-VL: [16, 24, 24]); scale them to the new head dim."""
     rope = d.get("rope_parameters") or d.get("rope_scaling")
     if not isinstance(rope, dict):
         return
     section = rope.get("mrope_section")
-    if section is None and str(d.get("model_type", "")).startswith("qwen2") and "vl" in str(d.get("model_type")):
-        section = [16, 24, 24]
+    if section is None and str(d.get("model_type", "")).startswith(_MROPE_TYPES):
+        section = [16, 24, 24]  # the modelling code's default, in the proportions it is scaled from
     if isinstance(section, list) and section and all(_is_int(x) for x in section):
         half, total = HEAD_DIM // 2, sum(section)
         new = [max(1, x * half // total) for x in section]

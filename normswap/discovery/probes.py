@@ -92,14 +92,14 @@ def _image_token_id(config) -> int | None:
     return None
 
 
-def _count_image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> int | None:
+def _count_image_tokens(model: nn.Module, pixel_values: torch.Tensor, extra: dict | None = None) -> int | None:
     """How many image-token positions the language model expects for these pixels (from the vision features)."""
     get = getattr(model, "get_image_features", None)
     if get is None:
         return None
     try:
         with torch.no_grad():
-            feats = get(pixel_values=pixel_values)
+            feats = get(pixel_values=pixel_values, **(extra or {}))
     except Exception:  # noqa: BLE001 - a composite we cannot introspect: the caller falls back to text only
         return None
     if hasattr(feats, "pooler_output") and feats.pooler_output is not None:
@@ -109,7 +109,8 @@ def _count_image_tokens(model: nn.Module, pixel_values: torch.Tensor) -> int | N
     tensors = list(feats) if isinstance(feats, (list, tuple)) else [feats]
     if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
         return None
-    return sum(int(t.reshape(-1, t.shape[-1]).shape[0]) for t in tensors) // pixel_values.shape[0]
+    images = len(extra["image_grid_thw"]) if extra and "image_grid_thw" in extra else pixel_values.shape[0]
+    return sum(int(t.reshape(-1, t.shape[-1]).shape[0]) for t in tensors) // images
 
 
 def _audio_features(config, batch: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -150,7 +151,15 @@ def probe_inputs(model: nn.Module, config=None, *, batch: int = 2, seq_len: int 
             probes["input_values"] = torch.randn(batch, 4000, generator=gen, dtype=dtype)
     if main == "pixel_values" or "pixel_values" in params:
         c, h, w = _image_size(config)
-        if "spatial_shapes" in params:  # NaFlex (SigLIP2): pre-patchified pixels with a mask and a grid shape
+        vc = _sub(config, "vision_config")
+        if "image_grid_thw" in params:  # Qwen2-VL style: flattened patches of every image + each image's (t, h, w)
+            patch, tp = int(getattr(vc, "patch_size", 14)), int(getattr(vc, "temporal_patch_size", 2) or 1)
+            cin = int(getattr(vc, "in_channels", None) or getattr(vc, "num_channels", None) or 3)
+            merge = int(getattr(vc, "spatial_merge_size", 2) or 1)
+            g = 2 * merge
+            probes["pixel_values"] = torch.randn(batch * g * g, cin * tp * patch * patch, generator=gen, dtype=dtype)
+            probes["image_grid_thw"] = torch.tensor([[1, g, g]] * batch)
+        elif "spatial_shapes" in params:  # NaFlex (SigLIP2): pre-patchified pixels with a mask and a grid shape
             patch = getattr(_sub(config, "vision_config"), "patch_size", PATCH)
             gh, gw = h // patch, w // patch
             probes["pixel_values"] = torch.randn(batch, gh * gw, c * patch * patch, generator=gen, dtype=dtype)
@@ -162,13 +171,16 @@ def probe_inputs(model: nn.Module, config=None, *, batch: int = 2, seq_len: int 
         ids = _text_ids(config, batch, seq_len, gen)
         image_token = _image_token_id(config)
         if image_token is not None and "pixel_values" in probes:
-            n = _count_image_tokens(model, probes["pixel_values"])
+            extra = {k: probes[k] for k in ("image_grid_thw",) if k in probes}
+            n = _count_image_tokens(model, probes["pixel_values"], extra)
             if n:
                 ids = torch.cat([ids[:, :2], torch.full((batch, n), image_token), ids[:, 2:]], dim=1)
             else:
-                for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes"):
+                for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes", "image_grid_thw"):
                     probes.pop(k, None)
         probes["input_ids"] = ids
+        if "mm_token_type_ids" in params and "image_grid_thw" in probes:  # M-RoPE: which positions are image
+            probes["mm_token_type_ids"] = (ids == image_token).long()
     if "decoder_input_ids" in params and "decoder_input_ids" not in probes and getattr(config, "is_encoder_decoder", False):
         probes["decoder_input_ids"] = _text_ids(config, batch, max(4, seq_len // 2), gen)
     if "noise" in params and "pixel_values" in probes and hasattr(config, "mask_ratio"):
