@@ -294,9 +294,13 @@ class _Engine:
                     diagnosed[e.name] = (raw_readers(self.model, self.probes, self.ref, e, tol=self.tol), e.visible)
                 readers, outputs = diagnosed[e.name]
                 first = readers[0] if readers else None
-                if post_of is not None and e.name in ln and first is not None and split_block(first, lists) is not None:
-                    findings.append(NormFinding(n, "approximate", f"reads the output of {post_of} plus sublayer "
-                                                "outputs (post-LN): not zero-mean", ratios[n]))
+                where, first_where = split_block(n, lists), split_block(first, lists) if first else None
+                if first_where is not None and where is not None and first_where[0] == where[0]:
+                    # A sublayer of the same blocks reads the stream without a norm: the post-LN pattern (OPT with
+                    # do_layer_norm_before=False, layer 0 of BERT-likes, ModernBERT's layer 0).
+                    source = f"the output of {post_of} plus sublayer outputs" if post_of else f"a stream {first} reads"
+                    findings.append(NormFinding(n, "approximate", f"reads {source} without a norm in between "
+                                                "(post-LN): not zero-mean", ratios[n]))
                     continue
                 if first is not None:
                     reason = (f"the mean of its stream (written by {e.name}) is visible to {first}, which reads the "

@@ -152,6 +152,8 @@ def build_adapter(model: nn.Module, model_type: str, writers: list[WriterRole], 
     for name, reason in kept.items():
         where = split_block(name, lists)
         pattern = where[2] if where is not None else (_relative(name, prefix) or name)
+        if where is not None and where[0] in groups and pattern in groups[where[0]].norms:
+            continue  # swapped in the other blocks of this list: the role covers it (the verification guards it)
         if pattern not in reasons:
             kept_names.append(pattern)
             reasons[pattern] = reason
