@@ -32,6 +32,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normswap.batchnorm import NothingToFoldError, fold_batchnorms_
 
 TOLERANCE = 1e-5
+#: The fallback builds the default config: only when it is small enough for this machine's memory.
+MAX_DEFAULT_PARAMS = 300_000_000
 #: Auto mappings tried first: a head class includes the head's BatchNorms (LeViT's classifier) and gives logits.
 PREFERRED = ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES",
              "MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES", "MODEL_MAPPING_NAMES")
@@ -44,11 +46,29 @@ def _clap_features(config) -> dict:
 
 
 #: Inputs the generic probe builder cannot guess (a spectrogram laid out as an image); merged over its probes.
-PROBE_EXTRA = {"clap": _clap_features, "clap_audio_model": _clap_features}
+def _image_pair(config) -> dict:
+    return {"pixel_values": torch.randn(2, 2, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+
+
+def _series(config) -> dict:
+    shape = (2, config.context_length, config.num_input_channels)
+    return {"past_values": torch.randn(*shape, generator=torch.Generator().manual_seed(0)), "input_ids": None,
+            "pixel_values": None}
+
+
+PROBE_EXTRA = {"clap": _clap_features, "clap_audio_model": _clap_features, "efficientloftr": _image_pair,
+               "superglue": _image_pair, "patchtst": _series}
 
 
 def _no_extra(_config) -> dict:
     return {}
+
+
+def _probes(model_type: str, model: nn.Module) -> dict:
+    from normswap.discovery.instance import probe_inputs
+
+    probes = {**probe_inputs(model), **PROBE_EXTRA.get(model_type, _no_extra)(model.config)}
+    return {k: v for k, v in probes.items() if v is not None}
 
 
 class _Timeout(Exception):
@@ -124,7 +144,7 @@ def default_sized(config):
 
 
 def census_one(model_type: str, seconds: int) -> dict:
-    from normswap.discovery.instance import probe_inputs, tiny_config
+    from normswap.discovery.instance import tiny_config
 
     row: dict = {"model_type": model_type}
 
@@ -143,16 +163,23 @@ def census_one(model_type: str, seconds: int) -> dict:
             torch.manual_seed(0)  # random init: shifting every weight (as the LayerNorm census does) makes deep
             model = cls._from_config(tiny_config(config), dtype=torch.float32).eval()  # nets ill-conditioned in fp32
             row["instance"] = "shrunk config"
-            probes = {**probe_inputs(model), **PROBE_EXTRA.get(model_type, _no_extra)(model.config)}
+            probes = _probes(model_type, model)
             with torch.no_grad():
                 model(**probes)
         except _Timeout:
             raise
-        except Exception:  # noqa: BLE001 - the generic shrink does not fit every CNN config: default sizes instead
-            torch.manual_seed(0)  # random init, unperturbed: a default-depth net with shifted weights overflows
-            model = cls._from_config(default_sized(config), dtype=torch.float32).eval()
+        except Exception as exc:  # noqa: BLE001 - the generic shrink does not fit every CNN config: default sizes
+            shrink_error = f"{type(exc).__name__}: {next((x for x in str(exc).splitlines() if x.strip()), '')[:80]}"
+            config = default_sized(config)
+            with torch.device("meta"):
+                size = sum(p.numel() for p in cls._from_config(config).parameters())
+            if size > MAX_DEFAULT_PARAMS:
+                raise ValueError(f"shrunk config failed ({shrink_error}); the default has {size / 1e6:.0f}M "
+                                 "parameters, too large for this census") from None
+            torch.manual_seed(0)
+            model = cls._from_config(config, dtype=torch.float32).eval()
             row["instance"] = "default config, small image"
-            probes = {**probe_inputs(model), **PROBE_EXTRA.get(model_type, _no_extra)(model.config)}
+            probes = _probes(model_type, model)
         model.eval()
         row["batchnorms"] = sum(isinstance(m, _BatchNorm) for m in model.modules())
         frozen = sum(1 for m in model.modules() if "BatchNorm" in type(m).__name__ and not isinstance(m, _BatchNorm))
@@ -165,7 +192,7 @@ def census_one(model_type: str, seconds: int) -> dict:
         report = fold_batchnorms_(model, probes=probes, tolerance=TOLERANCE)
         ver = report.verification
         row.update(original_error=ver.original_error, converted_error=ver.converted_error)
-        if not all(map(math.isfinite, (ver.rel_max_abs_diff, ver.original_error))):
+        if not all(math.isfinite(x) for x in (ver.rel_max_abs_diff, ver.original_error) if x is not None):
             return {**row, "status": "error", "why": "the unfolded model's outputs are not finite on the probe"}
         row.update(folded=len(report.folded), instance=row.get("instance"), kept=report.kept, rel=ver.rel_max_abs_diff,
                    into_linear=sum(isinstance(model.get_submodule(p.into), nn.Linear) for p in report.folded),

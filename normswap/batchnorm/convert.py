@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from normswap._version import __version__
-from normswap.batchnorm.discover import Discovery, FoldPair, batchnorm_modules, discover
+from normswap.batchnorm.discover import Discovery, FoldPair, batchnorm_modules, discover, output_tensors
 from normswap.batchnorm.fold import fold_into_stored_form_
 from normswap.errors import NormswapError
 from normswap.surgery import check_finite
@@ -114,13 +114,41 @@ class BatchNormReport:
         return "\n".join(lines)
 
 
-def float64_outputs(model: nn.Module, probes: dict) -> torch.Tensor:
-    """The primary output of a float64 copy of ``model``: the reference both fp32 models are measured against."""
-    twin = copy.deepcopy(model).double().eval()
-    inputs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in probes.items()}
-    out = primary_output(twin(**inputs)).detach().double().cpu()
-    del twin
-    return out
+class _AllOutputs(nn.Module):
+    """A model whose first output is not one tensor (a backbone's tuple of feature maps), seen as one that returns
+    all its floating-point outputs flattened into one row: what verification then compares."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, **inputs) -> tuple[torch.Tensor]:
+        tensors = [t for t in output_tensors(self.model(**inputs)) if t.is_floating_point()]
+        return (torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])[None],)
+
+
+def verifiable(model: nn.Module, probes: dict) -> nn.Module:
+    """``model`` itself when its primary output is a tensor, else a view of it whose output is (see _AllOutputs)."""
+    with torch.no_grad():
+        out = primary_output(model.eval()(**probes))
+    return model if isinstance(out, torch.Tensor) else _AllOutputs(model)
+
+
+def float64_outputs(model: nn.Module, probes: dict) -> torch.Tensor | None:
+    """The primary output of a float64 copy of ``model`` (the reference both fp32 models are measured against);
+    ``None`` when the model cannot run in float64 (some build fp32 tensors inside their forward)."""
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        twin = copy.deepcopy(model).double().eval()
+        inputs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in probes.items()}
+        return primary_output(twin(**inputs)).detach().double().cpu()
+    except (RuntimeError, TypeError, ValueError) as exc:
+        logger.info("no float64 reference: %s", exc)
+        return None
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def check_inference_semantics(model: nn.Module, keep_batch_stats: bool = False) -> None:
@@ -183,8 +211,9 @@ def fold_batchnorms_(
     found = discovery if discovery is not None else discover(model, probes)
     if not found.pairs:
         raise NothingToFoldError(nothing_to_fold_message(model, found.kept))
-    reference = reference_outputs(model, probes) if verify_result else None
-    truth = float64_outputs(model, probes) if verify_result else None
+    target = verifiable(model, probes) if verify_result else model
+    reference = reference_outputs(target, probes) if verify_result else None
+    truth = float64_outputs(target, probes) if verify_result else None
     for pair in found.pairs:
         fold_into_stored_form_(model.get_submodule(pair.into), model.get_submodule(pair.batchnorm))
     report = BatchNormReport(model_type=getattr(model.config, "model_type", type(model).__name__),
@@ -195,15 +224,16 @@ def fold_batchnorms_(
         if tolerance is None:
             tolerance = FOLD_TOLERANCE.get(model_dtype(model), 1e-4)
         desc = "tokenizer text + random ids" if tokenizer is not None else "random inputs"
-        report.verification = ver = verify(model, probes, reference, {}, tolerance=tolerance, probe_desc=desc)
-        scale = float(truth.abs().max()) or 1.0
+        report.verification = ver = verify(target, probes, reference, {}, tolerance=tolerance, probe_desc=desc)
         ver.dtype = str(model_dtype(model)).removeprefix("torch.")
-        ver.original_error = float((reference - truth).abs().max()) / scale
-        ver.converted_error = float((primary_output(model(**probes)).double().cpu() - truth).abs().max()) / scale
-        ver.ratio = ver.converted_error / ver.original_error if ver.original_error else None
-        report.notes.append(
-            f"against the original run in float64: folded {ver.converted_error:.1e}, original in {ver.dtype} "
-            f"{ver.original_error:.1e} (relative max |Δ|)")
+        if truth is not None:
+            scale = float(truth.abs().max()) or 1.0
+            ver.original_error = float((reference - truth).abs().max()) / scale
+            ver.converted_error = float((primary_output(target(**probes)).double().cpu() - truth).abs().max()) / scale
+            ver.ratio = ver.converted_error / ver.original_error if ver.original_error else None
+            report.notes.append(
+                f"against the original run in float64: folded {ver.converted_error:.1e}, original in {ver.dtype} "
+                f"{ver.original_error:.1e} (relative max |Δ|)")
         if not report.verification.passed:
             logger.warning("verification failed: %s", report.verification.summary())
     source_id = getattr(model.config, "_name_or_path", None) or None

@@ -98,7 +98,7 @@ def _graph_in_degree(roots: list) -> Counter:
     return degree
 
 
-def _output_tensors(obj) -> list[torch.Tensor]:
+def output_tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
     if hasattr(obj, "to_tuple"):
@@ -106,7 +106,7 @@ def _output_tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, dict):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _output_tensors(item)]
+        return [t for item in obj for t in output_tensors(item)]
     return []
 
 
@@ -186,7 +186,7 @@ def discover(model: nn.Module, probes: dict) -> Discovery:
         model.eval()
         with torch.enable_grad():
             outputs = model(**probes)
-        degree = _graph_in_degree([t.grad_fn for t in _output_tensors(outputs)])
+        degree = _graph_in_degree([t.grad_fn for t in output_tensors(outputs)])
         return _decide(model, bns, producers, records, degree)
     finally:
         for h in handles:
