@@ -258,14 +258,30 @@ def test_ctrl_c_during_startup_is_one_line_and_exit_130(monkeypatch, capsys):
     assert err.strip().splitlines() == ["normswap: interrupted; no output was written."]
 
 
-def test_a_real_sigint_during_startup_leaves_no_traceback():
+def test_ctrl_c_inside_a_lazy_library_import_is_still_an_interrupt(monkeypatch, capsys):
+    """transformers re-raises an interrupted lazy import as ModuleNotFoundError; the KeyboardInterrupt is its cause."""
+    import normswap.cli.inspect as inspect_cli
+
+    def lazy_import_interrupted(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise ModuleNotFoundError("Could not import module 'GPT2LMHeadModel'") from exc
+
+    monkeypatch.setattr(inspect_cli, "run", lazy_import_interrupted)
+    code, _, err = run_cli(["inspect"], capsys)
+    assert code == 130 and err.strip().splitlines() == ["normswap: interrupted; no output was written."]
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5])
+def test_a_real_sigint_during_startup_leaves_no_traceback(delay):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = ("import sys, normswap.cli; print('ready', flush=True); "
               "sys.exit(normswap.cli.main(['inspect']))")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    time.sleep(0.5)  # inside main now, which spends seconds importing torch and transformers
+    time.sleep(delay)  # inside main now, which spends seconds importing torch and transformers
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err, err
@@ -293,18 +309,22 @@ def test_inspect_json_into_head_has_no_traceback():
     assert proc.stdout == '{\n  "model_'[:10] and proc.stderr == "", proc.stderr
 
 
-def test_file_size_limit_while_saving_is_one_line_and_leaves_nothing(tmp_path):
+def test_file_size_limit_while_saving_is_one_line_and_leaves_nothing(world, tmp_path):
     """`ulimit -f` (safetensors says "File too large"): a readable error, no output, no temporary folder."""
     import resource
 
+    weights = (world["gpt2"] / "model.safetensors").stat().st_size
+    cap = 128 << 10  # above every small file (config, card, remote code), below the weights
+    assert weights > cap
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))  # 4 MB: the weights are 27 MB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
 
-    proc = subprocess.run([sys.executable, "-m", "normswap", "convert", "-o", str(out), "--no-eval"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    proc = subprocess.run([sys.executable, "-m", "normswap", "convert", str(world["gpt2"]), "-o", str(out),
+                           "--no-eval"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
     assert_one_error_line(proc.returncode, proc.stderr, "file size limit")
     assert not out.exists() and temp_leftovers(tmp_path) == []
 

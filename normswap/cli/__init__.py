@@ -91,12 +91,12 @@ def run_command(args: argparse.Namespace) -> int:
     except NormswapError as exc:
         return _error(exc)
     except KeyboardInterrupt:
-        hint = getattr(args, "interrupted_hint", "")
-        print(f"normswap: interrupted; no output was written{hint}.", file=sys.stderr)
-        return 130
+        return _interrupted(getattr(args, "interrupted_hint", ""))
     except BrokenPipeError:
         raise  # handled in main: the reader went away, which is not an error to report
     except Exception as exc:
+        if caused_by_ctrl_c(exc):
+            return _interrupted(getattr(args, "interrupted_hint", ""))
         full = disk_error(exc)  # a full disk or `ulimit -f` wherever it struck (streaming writes, reports, ...)
         if full is None and isinstance(exc, OSError) and exc.filename is not None:
             full = NormswapError(f"{exc.strerror or exc}: {exc.filename}")
@@ -105,6 +105,23 @@ def run_command(args: argparse.Namespace) -> int:
         logger.debug("original error", exc_info=True)
         hint = getattr(args, "interrupted_hint", "").strip().strip("()")
         return _error(NormswapError(f"{full}; {hint}" if hint else str(full)))
+
+
+def caused_by_ctrl_c(exc: BaseException) -> bool:
+    """Whether Ctrl-C is behind ``exc``: transformers' lazy imports re-raise an interrupted import as
+    ``ModuleNotFoundError`` (the KeyboardInterrupt is its cause)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _interrupted(hint: str = "") -> int:
+    print(f"normswap: interrupted; no output was written{hint}.", file=sys.stderr)
+    return 130
 
 
 def _error(exc: BaseException) -> int:
@@ -176,11 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows up here, not at exit where it would print a traceback
         return code
     except KeyboardInterrupt:
-        print("normswap: interrupted; no output was written.", file=sys.stderr)
-        return 130
+        return _interrupted()
     except BrokenPipeError:  # `normswap inspect --json | head`: the reader has what it wanted
         _quiet_stdout()
         return BROKEN_PIPE_EXIT
+    except Exception as exc:
+        if caused_by_ctrl_c(exc):  # interrupted inside a library import that re-raised it as another error
+            return _interrupted()
+        raise
 
 
 if __name__ == "__main__":
