@@ -58,17 +58,25 @@ def test_convert_cli_discovers_converts_and_verifies(factory, tmp_path, capsys):
         assert rel < 1e-5
 
 
-def test_undeclared_custom_layernorm_class_is_converted_not_reported_as_rmsnorm(monkeypatch):
-    # OLMo's parameter-free OlmoLayerNorm is no nn.LayerNorm; without its pin, discovery must still find it.
-    monkeypatch.setattr(registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if k != "olmo"})
+_CUSTOM_LN = {
+    "olmo": (T.OlmoForCausalLM, T.OlmoConfig, 5),  # parameter-free OlmoLayerNorm
+    "cohere": (T.CohereForCausalLM, T.CohereConfig, 3),  # bias-free CohereLayerNorm, parallel blocks
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_CUSTOM_LN))
+def test_undeclared_custom_layernorm_class_is_converted_not_reported_as_rmsnorm(model_type, monkeypatch):
+    # Neither class is an nn.LayerNorm; without their pins, discovery must still find them by what they compute.
+    monkeypatch.setattr(registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if k != model_type})
+    cls, config_cls, swapped = _CUSTOM_LN[model_type]
     torch.manual_seed(0)
-    cfg = T.OlmoConfig(vocab_size=96, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                       pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    model = perturb_(T.OlmoForCausalLM(cfg))
+    cfg = config_cls(vocab_size=96, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                     pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = perturb_(cls(cfg))
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
     ref = _logits(model, ids)
     report = normswap.convert_(model)
-    assert report.passed and len(report.swapped_norms) == 5
+    assert report.passed and len(report.swapped_norms) == swapped
     assert any("discovered" in n for n in report.notes)
     assert float((_logits(model, ids) - ref).abs().max() / ref.abs().max()) < 1e-5
 
