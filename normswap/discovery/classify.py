@@ -36,7 +36,8 @@ class NormInfo:
     axis: str = "last"  # "last" | "channels" (channels-first LayerNorm on [B, C, H, W])
     #: "pre": reads stream (its input = an earlier norm's input + writes); "post": reads an earlier norm's output +
     #: writes; "reads-norm-output": its input is an earlier norm's output (that norm writes the stream); "not-run":
-    #: a LayerNorm class the probe never executed (known by class only); None: unlinked.
+    #: a LayerNorm class the probe never executed (known by class only); "branch": reads a sublayer's output, not
+    #: a stream (Swin-v2 res-post-norm); None: unlinked.
     link: str | None = None
     link_from: str | None = None
 
@@ -193,15 +194,7 @@ def _class_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _in_span(r: torch.Tensor, candidates: list[torch.Tensor]) -> bool:
-    """Whether ``r`` is (to rounding) a linear combination of ``candidates`` (all of r's shape)."""
-    scale = float(r.abs().max())
-    if scale == 0.0:
-        return True
-    if not candidates:
-        return False
-    a = torch.stack([c.reshape(-1).double() for c in candidates], dim=1)
-    b = r.reshape(-1, 1).double()
+def _lstsq_fits(a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
     if not torch.isfinite(a).all() or not torch.isfinite(b).all():
         return False
     try:
@@ -211,27 +204,65 @@ def _in_span(r: torch.Tensor, candidates: list[torch.Tensor]) -> bool:
     return float((a @ sol - b).abs().max()) / scale < SPAN_TOL
 
 
-def _links(norms: list[NormInfo], calls: dict[str, _Call], norm_names: set[str]) -> None:
-    """Fill ``link``/``link_from`` of every norm from the run order and the span tests described in the module doc."""
+def _in_span(r: torch.Tensor, candidates: list[torch.Tensor]) -> bool:
+    """Whether ``r`` is (to rounding) a combination of ``candidates`` (all of r's shape, hidden axis last): one
+    coefficient per candidate, or, failing that, one per candidate and hidden channel (a LayerScale applied inline,
+    as BEiT's ``lambda_1 * attention_output``), the latter only when there are enough tokens to rule out chance."""
+    scale = float(r.abs().max())
+    if scale == 0.0:
+        return True
+    if not candidates:
+        return False
+    a = torch.stack([c.reshape(-1).double() for c in candidates], dim=1)
+    if _lstsq_fits(a, r.reshape(-1, 1).double(), scale):
+        return True
+    hidden = r.shape[-1]
+    rows = r.numel() // hidden
+    if rows < 3 * len(candidates) + 4:
+        return False
+    per_channel = torch.stack([c.reshape(rows, hidden).double() for c in candidates], dim=-1)  # [rows, hidden, k]
+    return _lstsq_fits(per_channel.transpose(0, 1), r.reshape(rows, hidden).double().T.unsqueeze(-1), scale)
+
+
+def _same_stream(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Same tokens and hidden size, whatever the layout ([B, T, H] or flattened [B·T, H] as OPT's MLP runs)."""
+    return x.shape[-1] == y.shape[-1] and x.numel() == y.numel()
+
+
+def _links(norms: list[NormInfo], calls: dict[str, _Call], norm_names: set[str], leaves: set[str]) -> None:
+    """Fill ``link``/``link_from`` of every norm from the run order and the span tests described in the module doc.
+
+    A norm whose input *is* a leaf module's output computed since the previous norm reads a sublayer output
+    (Swin-v2's res-post-norm: ``x + LN(attn(x))``), not a stream: link "branch".
+    """
     by_start = sorted((n for n in norms if calls[n.name].x is not None), key=lambda n: calls[n.name].index_start)
-    others = [(c.index_end, c.y) for name, c in calls.items()
+    others = [(c.index_end, c.y, name in leaves) for name, c in calls.items()
               if name not in norm_names and c.y is not None]
     for i, b in enumerate(by_start):
         cb = calls[b.name]
+        xb = cb.x
         tried = 0
         for a in reversed(by_start[:i]):
             ca = calls[a.name]
-            if ca.x is None or ca.y is None or ca.x.shape != cb.x.shape or ca.index_end > cb.index_start:
+            if ca.x is None or ca.y is None or not _same_stream(ca.x, xb) or not _same_stream(ca.y, xb) \
+                    or ca.index_end > cb.index_start:
                 continue
             tried += 1
             if tried > LOOKBACK:
                 break
-            between = [y for end, y in others if ca.index_end < end < cb.index_start and y.shape == cb.x.shape]
-            if float((cb.x - ca.y).abs().max()) <= SPAN_TOL * float(cb.x.abs().max()):
+            xa, ya = ca.x.reshape(xb.shape), ca.y.reshape(xb.shape)
+            between = [(y.reshape(xb.shape), leaf) for end, y, leaf in others
+                       if ca.index_end < end < cb.index_start and _same_stream(y, xb)]
+            # Copies of A's output or B's input (identity drop-paths, the containers that return them) would make
+            # the span tests trivially true: the question is what *else* was added.
+            outs = [y for y, _ in between if not (torch.equal(y, ya) or torch.equal(y, xb))]
+            if float((xb - ya).abs().max()) <= SPAN_TOL * float(xb.abs().max()):
                 b.link, b.link_from = "reads-norm-output", a.name
-            elif _in_span(cb.x - ca.x, between):
+            elif _in_span(xb - xa, outs):
                 b.link, b.link_from = "pre", a.name
-            elif _in_span(cb.x - ca.y, between):
+            elif any(leaf and float((xb - y).abs().max()) <= SPAN_TOL * float(xb.abs().max()) for y, leaf in between):
+                b.link, b.link_from = "branch", a.name
+            elif _in_span(xb - ya, outs):
                 b.link, b.link_from = "post", a.name
             else:
                 continue
@@ -262,7 +293,8 @@ def _find_norms(model: nn.Module, probes: dict, seed: int) -> list[NormInfo]:
             kind, axis = _invariance(module, calls[name], gen)
         if kind is not None:
             norms.append(NormInfo(name, kind, type(module).__name__, axis))
-    _links(norms, calls, {n.name for n in norms})
+    leaves = {name for name, m in model.named_modules() if name and not any(True for _ in m.children())}
+    _links(norms, calls, {n.name for n in norms}, leaves)
     # Modules the probe never ran (a VLM's vision tower when the prompt could not carry an image) cannot be measured;
     # LayerNorm classes among them are still LayerNorms, so they are listed rather than silently dropped.
     for name, module in model.named_modules():
@@ -284,8 +316,10 @@ def classify_norms(norms: list[NormInfo]) -> Classification:
         if "post" in links:
             position = "post"
             notes.append("post-LN: " + ", ".join(n.name for n in ln if n.link == "post")[:300])
-        elif "pre" in links or "reads-norm-output" in links:
+        elif links & {"pre", "reads-norm-output", "branch"}:
             position = "pre"
+            if "branch" in links:
+                notes.append("norms on sublayer outputs (res-post-norm): the stream is a sum of normalised writes")
         else:
             position = "unlinked"
             notes.append("LayerNorm not on a residual stream between norms (no link measured)")
