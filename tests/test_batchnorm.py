@@ -239,3 +239,39 @@ class TransposedConvBn(_Probe):
 def test_transposed_convolution_is_kept_with_the_reason():
     found = discover(perturb_bn_(TransposedConvBn()), {"pixel_values": torch.randn(2, 3, 8, 8)})
     assert not found.pairs and "transposed convolution" in found.kept["bn"]
+
+
+class TwoMaps(_Probe):
+    """A backbone: its first output field is a tuple of feature maps, not one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(5, affine=False)
+
+    def forward(self, pixel_values):
+        a = torch.relu(self.bn(self.conv(pixel_values)))
+        return ((a, self.bn2(self.conv2(a))),)
+
+
+def test_backbone_with_tuple_outputs_and_affine_free_batchnorm():
+    model = perturb_bn_(TwoMaps())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = [t.double() for t in model(x)[0]]
+    report = fold_batchnorms_(model, probes={"pixel_values": x})
+    assert report.passed and len(report.folded) == 2
+    assert report.verification.converted_error is not None  # the float64 reference ran too
+    with torch.no_grad():
+        after = [t.double() for t in model(x)[0]]
+    for b, a in zip(before, after, strict=True):
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+    assert torch.any(model.bn2.running_mean != 0)  # affine=False: the running mean carries the shift
+    fold_saved_batchnorms_(model, model.config.normswap["batchnorm_folded"])
+    assert bn_count(model) == 0 and model.conv.bias is not None and model.conv2.bias is not None
+    with torch.no_grad():
+        runtime = [t.double() for t in model(x)[0]]
+    for b, a in zip(before, runtime, strict=True):
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-5

@@ -122,6 +122,7 @@ class _AllOutputs(nn.Module):
         super().__init__()
         self.model = model
         self.config = model.config
+        self.train(model.training)  # a new Module is in training mode; restoring that would put BatchNorms there
 
     def forward(self, **inputs) -> tuple[torch.Tensor]:
         tensors = [t for t in output_tensors(self.model(**inputs)) if t.is_floating_point()]
