@@ -106,3 +106,14 @@ def test_per_stage_template_does_not_transfer_to_a_different_stage_count():
         swin = T.SwinModel(T.SwinConfig())
     with pytest.raises(UnsupportedArchitectureError, match=r"encoder\.layers has 2 entries.*this model has 4"):
         registry.adapter_for(swin)
+
+
+def test_discovered_readers_take_gain_and_bias_folds():
+    model = _biogpt()
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(3))
+    ref = _logits(model, ids)
+    report = normswap.convert_(model, fold_gain=True, fold_bias=True)
+    assert report.passed and len(report.folds["gain_folded"]) == 5
+    for name in report.folds["gain_folded"]:  # the gain now lives in the readers: the RMSNorm's own gain is ones
+        assert torch.equal(model.get_submodule(name).weight, torch.ones_like(model.get_submodule(name).weight))
+    assert float((_logits(model, ids) - ref).abs().max() / ref.abs().max()) < 1e-5
