@@ -2,7 +2,8 @@
 
     python scripts/coverage.py                       # the whole zoo -> docs/coverage.json + docs/COVERAGE.md
     python scripts/coverage.py --types clip,whisper  # re-run some types and merge them into the committed census
-    python scripts/coverage.py --jobs 2 --timeout 120
+    python scripts/coverage.py --jobs 2 --timeout 60
+    python scripts/coverage.py --render              # regenerate docs/COVERAGE.md from docs/coverage.json
 
 Each model type is built from its default config shrunk to a small instance (normswap.discovery.instance), its
 norms are classified by what they compute (normswap.discovery.classify), and the public API converts it
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coverage_report import EXACT_TOL, ROOT, merge_rows, write_markdown  # noqa: E402 - sibling script module
+from coverage_report import EXACT_TOL, ROOT, merge_rows, totals, write_markdown  # noqa: E402 - sibling script
 
 JSON_PATH = ROOT / "docs" / "coverage.json"
 MD_PATH = ROOT / "docs" / "COVERAGE.md"
@@ -99,7 +100,7 @@ def census_one(model_type: str) -> dict:
         row["adapter"] = "declared" if declared else None
         if not declared and cls_result.has_layernorm:
             stage = "discover"
-            row.update(_time_discovery(config, cls))
+            row.update(_time_discovery(model.config, cls))
         stage = "convert"
         t2 = time.perf_counter()
         row.update(_convert(normswap, model.float(), _cast(probes, torch.float32), NotExactError,
@@ -145,7 +146,9 @@ def _runnable_probes(model, probes: dict, row: dict) -> dict:
 
 
 def _time_discovery(config, cls) -> dict:
-    """Discovery from the full-size default config, as a user's conversion runs it, timed: the ≤ 10 s target."""
+    """Discovery from the config, as a user's conversion runs it, timed: the ≤ 10 s target. It is given the small
+    instance's config (shrinking is idempotent, so the work is the same as from the full-size one), which lets the
+    conversion right after reuse the cached result instead of discovering twice."""
     try:
         from normswap.discovery import discover_from_config
     except ImportError:
@@ -321,10 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, default=MD_PATH)
     ap.add_argument("--log", type=Path, default=None, help="append the workers' stderr here")
     ap.add_argument("--no-write", action="store_true", help="print rows, write nothing")
+    ap.add_argument("--render", action="store_true", help="only regenerate the markdown from the JSON")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker_main(args.timeout)
+        return 0
+    if args.render:
+        data = json.loads(args.json.read_text())
+        data["totals"] = totals(data["rows"])
+        args.json.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        write_markdown(data, args.md)
         return 0
     import transformers
 
