@@ -224,9 +224,12 @@ def _reason_kind(reason: str) -> str:
 
 def markdown(rows: list[dict], env: str, command: str) -> str:
     with_bn = [r for r in rows if r.get("batchnorms")]
-    passed = [r for r in with_bn if r["status"] == "pass"]
-    folded = sum(r.get("folded", 0) for r in with_bn)
-    total = sum(r.get("batchnorms", 0) for r in with_bn)
+    types = rows
+    ran = [r for r in with_bn if r["status"] in ("pass", "fail")]
+    passed = [r for r in ran if r["status"] == "pass"]
+    nothing = [r for r in rows if r["status"] == "nothing-folds"]
+    errors = [r for r in rows if r["status"] in ("error", "skipped")]
+    folded = sum(r.get("folded", 0) for r in ran)
     worst = max((r["rel"] for r in with_bn if "rel" in r), default=float("nan"))
     kept_kinds = Counter(_reason_kind(reason) for r in with_bn for reason in (r.get("kept") or {}).values())
     lines = [
@@ -240,9 +243,14 @@ def markdown(rows: list[dict], env: str, command: str) -> str:
         "the same figure for the unfolded fp32 model and for the folded one against the model run in float64: the "
         "fold itself is exact in float64, so the two are rounding of the same size.",
         "",
-        f"**Totals:** {len(with_bn)} model types built with BatchNorms; {len(passed)} fold within {TOLERANCE:.0e} "
-        f"(worst {worst:.2e}); {folded} of {total} BatchNorms folded; kept: "
-        + (", ".join(f"{n} {k}" for k, n in kept_kinds.most_common()) or "none") + ".",
+        f"**Totals:** {len(types)} model types whose modelling code mentions BatchNorm; {len(with_bn)} built with "
+        f"torch BatchNorms; of the {len(ran)} whose instance ran and folded, **{len(passed)} within "
+        f"{TOLERANCE:.0e}** and {len(ran) - len(passed)} over (worst {worst:.2e}); {folded} of their "
+        f"{sum(r['batchnorms'] for r in ran)} BatchNorms folded, kept: "
+        + (", ".join(f"{n} {k}" for k, n in kept_kinds.most_common()) or "none") + f". {len(nothing)} have "
+        "BatchNorms none of which follows a conv/linear (or that the probe did not reach); "
+        f"{len(errors)} could not be built or run by this census (shrunk-config or probe-input gaps of the census "
+        "harness, listed with the error; not folding failures).",
         "",
         "| model_type | class | BatchNorms | folded (into Linear) | kept: reason | rel max \\|Δ\\| | vs float64: "
         "original / folded | status |",
@@ -272,11 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     p.add_argument("--only", default=None, help="comma-separated model types")
     p.add_argument("--timeout", type=int, default=120, help="seconds per model type")
+    p.add_argument("--rows", default=None, help="re-render the markdown from a previous --json file (no models run)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
-    types = args.only.split(",") if args.only else sorted(t for t in transformers.CONFIG_MAPPING if uses_batchnorm(t))
-    rows = []
+    rows: list[dict] = []
+    if args.rows:
+        rows, types = json.loads(Path(args.rows).read_text(encoding="utf-8")), []
+    else:
+        types = args.only.split(",") if args.only else sorted(t for t in transformers.CONFIG_MAPPING if uses_batchnorm(t))
     for mt in types:
         start = time.perf_counter()
         row = census_one(mt, args.timeout)
@@ -287,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     from normswap.evaluate.environment import describe_machine, environment
 
     command = "python scripts/coverage_batchnorm.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.rows:
+        command = f"python scripts/coverage_batchnorm.py --out {args.out} --json {args.rows}"  # the run behind the rows
     text = markdown(rows, describe_machine(environment("cpu", torch.float32)), command.strip())
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")

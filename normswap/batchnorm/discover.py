@@ -186,7 +186,9 @@ def discover(model: nn.Module, probes: dict) -> Discovery:
         model.eval()
         with torch.enable_grad():
             outputs = model(**probes)
-        degree = _graph_in_degree([t.grad_fn for t in output_tensors(outputs)])
+        # every BatchNorm output is a root too: a branch the outputs do not reach (an auxiliary head) still counts
+        roots = [t.grad_fn for t in output_tensors(outputs)] + [records[name].out_node for name in bns]
+        degree = _graph_in_degree(roots)
         return _decide(model, bns, producers, records, degree)
     finally:
         for h in handles:
