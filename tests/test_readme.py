@@ -179,3 +179,9 @@ def test_rewrite_rules() -> None:
     assert block.slow and lines[3].startswith("normswap finetune a --teacher b")
     if FAST:
         assert "--set steps=2" in lines[3] and "--eval-limit 256" in lines[0]
+
+
+def test_blocks_use_nothing_outside_the_clone() -> None:
+    """Paths above the checkout (``../shared/...``) exist only on the machine the README was written on."""
+    for block in BLOCKS:
+        assert "../" not in block.text, f"README.md block at line {block.line} reads outside the clone"
