@@ -275,3 +275,24 @@ def test_backbone_with_tuple_outputs_and_affine_free_batchnorm():
         runtime = [t.double() for t in model(x)[0]]
     for b, a in zip(before, runtime, strict=True):
         assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+
+
+class AuxiliaryHead(_Probe):
+    """A branch whose result the model does not return (a training-only head): its BatchNorm still folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.aux_conv = nn.Conv2d(4, 2, 1)
+        self.aux_bn = nn.BatchNorm2d(2)
+
+    def forward(self, pixel_values):
+        main = self.bn(self.conv(pixel_values))
+        self.aux_bn(self.aux_conv(main))
+        return (main,)
+
+
+def test_batchnorm_in_an_unreturned_branch_folds():
+    found = discover(perturb_bn_(AuxiliaryHead()), {"pixel_values": torch.randn(2, 3, 8, 8)})
+    assert sorted(p.batchnorm for p in found.pairs) == ["aux_bn", "bn"] and not found.kept

@@ -83,7 +83,7 @@ def _graph_in_degree(roots: list) -> Counter:
     """How many edges of the autograd graph reach each node, from the outputs' grad_fns down."""
     degree: Counter = Counter()
     seen = set()
-    stack = [r for r in roots if r is not None]
+    stack = list(dict.fromkeys(r for r in roots if r is not None))  # a root listed twice is walked once
     for r in stack:
         seen.add(r)
     while stack:
