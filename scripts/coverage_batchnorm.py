@@ -216,7 +216,8 @@ def _reason_kind(reason: str) -> str:
     for key, label in (("batch statistics", "batch statistics"), ("not run by the probe", "unused"),
                        ("also read by", "output shared"), ("times per forward", "shared module"),
                        ("pads its input", "before a padded conv"), ("not from a convolution or linear", "input not conv/linear"),
-                       ("tied", "tied weight"), ("modified in place", "in-place")):
+                       ("tied", "tied weight"), ("modified in place", "in-place"),
+                       ("transposed convolution", "after a transposed/functional conv")):
         if key in reason:
             return label
     return "other"
