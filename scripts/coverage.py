@@ -112,8 +112,29 @@ def census_one(model_type: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - the census records every failure instead of stopping
         result = {"config": "not-built", "build": "not-built", "probe": "probe-failed"}.get(stage, "error")
         row.update(result=result, reason=_first_line(f"{stage}: {type(exc).__name__}: {exc}"))
+        if stage in ("build", "probe"):
+            row["layernorm_classes"] = _layernorm_classes(locals().get("model"), locals().get("config"),
+                                                          locals().get("cls"))
     row["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+def _layernorm_classes(model, config, cls) -> int | None:
+    """How many LayerNorm-class modules a model that could not be run holds (unmeasured, by class only): built on
+    the meta device from the default config when the small instance could not be built."""
+    import torch
+    from torch import nn
+
+    if model is None and config is not None and cls is not None:
+        try:
+            with torch.device("meta"):
+                model = cls._from_config(config)
+        except Exception:  # noqa: BLE001
+            return None
+    if model is None:
+        return None
+    return sum(isinstance(m, nn.LayerNorm) or (type(m).__name__.endswith("LayerNorm")
+                                               and "rms" not in type(m).__name__.lower()) for m in model.modules())
 
 
 _IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes", "image_grid_thw", "mm_token_type_ids")

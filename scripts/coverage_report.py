@@ -57,6 +57,8 @@ def totals(rows: list[dict]) -> dict:
                     "not_ok": sorted(r["model_type"] for r in post if r not in post_ok)},
         "silent": sorted(r["model_type"] for r in rows if r.get("silent")),
         "not_built": sorted(r["model_type"] for r in rows if r.get("result") == "not-built"),
+        "unmeasured_with_layernorm": sorted(r["model_type"] for r in rows if "category" not in r
+                                            and (r.get("layernorm_classes") or 0) > 0),
         "named_targets": {t: next((r.get("result") for r in rows if r["model_type"] == t), "not run")
                           for t in NAMED_TARGETS},
         "discovery": {"types": len(disc),
@@ -160,9 +162,13 @@ def write_markdown(data: dict, path: Path) -> None:
     for cat, n in tot["by_category"].items():
         res = tot["results_by_category"].get(cat, {})
         lines.append(f"| {cat} | {n} | " + ", ".join(f"{k} {v}" for k, v in res.items()) + " |")
+    unmeasured = tot.get("unmeasured_with_layernorm", [])
     lines += [
         "",
         f"Not built ({len(tot['not_built'])}; the reason is in each row): {', '.join(tot['not_built']) or 'none'}.",
+        "",
+        f"Not classified but holding LayerNorm classes ({len(unmeasured)}; counted by class on the instance or on "
+        "the meta device, not measured, so not in the percentages above): " + (", ".join(unmeasured) or "none") + ".",
         "",
         "Results: `exact` (verified), `approximate` (post-LN or a partly inexact model: `convert_(approximate=True)`, "
         "damage in the row), `refused` (the reason names what blocks it), `nothing-to-convert` (no LayerNorm-like "

@@ -224,6 +224,8 @@ def _shrink_vision(d: dict) -> None:
             d["patch_size"] = [PATCH, PATCH]
         elif _is_int(patch) and patch > 2:
             d["patch_size"] = min(patch, PATCH)
+    if _is_int(d.get("mm_tokens_per_image")) and d["mm_tokens_per_image"] > 4:  # Gemma 3: pooled to 2×2 tokens
+        d["mm_tokens_per_image"] = 4
     if _is_int(d.get("window_size")) and d["window_size"] > 4 and "depths" in d:
         d["window_size"] = 4
 

@@ -121,8 +121,10 @@ def _audio_features(config, batch: int, gen: torch.Generator, dtype: torch.dtype
     if _is_int(per_channel):
         feats = per_channel * int(getattr(ac, "input_channels", None) or 1)
         return torch.randn(batch, 64, feats, generator=gen, dtype=dtype)
-    bins = int(getattr(ac, "num_mel_bins", None) or 80)
-    frames = 2 * int(getattr(ac, "max_source_positions", None) or 32)
+    bins = int(getattr(ac, "num_mel_bins", None) or getattr(ac, "feature_size", None) or 80)
+    if not _is_int(getattr(ac, "max_source_positions", None)):  # conformer-style encoders: [batch, time, mel]
+        return torch.randn(batch, 64, bins, generator=gen, dtype=dtype)
+    frames = 2 * int(ac.max_source_positions)
     return torch.randn(batch, bins, frames, generator=gen, dtype=dtype)
 
 
@@ -147,6 +149,8 @@ def probe_inputs(model: nn.Module, config=None, *, batch: int = 2, seq_len: int 
         bins, length = getattr(ac, "num_mel_bins", None), getattr(ac, "max_length", None)
         if _is_int(bins) and _is_int(length):  # a spectrogram (AST): [batch, time, mel]
             probes["input_values"] = torch.randn(batch, length, bins, generator=gen, dtype=dtype)
+        elif _is_int(getattr(ac, "audio_channels", None)):  # codecs (EnCodec): [batch, channels, samples]
+            probes["input_values"] = torch.randn(batch, ac.audio_channels, 4000, generator=gen, dtype=dtype)
         else:  # raw samples (wav2vec2, HuBERT): 4000 samples = 12 frames after a 320x conv stem
             probes["input_values"] = torch.randn(batch, 4000, generator=gen, dtype=dtype)
     if main == "pixel_values" or "pixel_values" in params:
