@@ -172,3 +172,20 @@ def test_head_and_embeddings_are_never_read_whole(tmp_path, monkeypatch):
     assert abs(chunked.converted_error - reference.converted_error) < 2 * torch.finfo(torch.float32).eps
     assert abs(chunked.original_error - reference.original_error) < 2 * torch.finfo(torch.float32).eps
     assert chunked.passed
+
+
+def test_an_approximate_output_reports_damage_and_exits_0(tmp_path, capsys):
+    torch.manual_seed(0)
+    bert = perturb_(T.BertForMaskedLM(T.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64)))
+    bert.save_pretrained(tmp_path / "src")
+    report = normswap.convert_(bert, approximate=True)
+    normswap.save(bert, tmp_path / "out")  # saved under normswap_bert names: only right with RMSNorm
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "out"), "--against", str(tmp_path / "src")]) == 0
+    text = capsys.readouterr().out
+    assert "approximate: damage" in text and "PASSED:" not in text and "bound" not in text
+    got = verify_folder(tmp_path / "out", tmp_path / "src")
+    assert got.mode == "approximate" and got.passed and got.converted_error > 1e-3
+    if got.probe == report.verification.probe:  # same probes as the conversion: the same damage
+        assert got.converted_error == pytest.approx(report.verification.converted_error, rel=1e-6)

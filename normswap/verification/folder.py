@@ -181,10 +181,11 @@ def _check_inputs(converted: Path, original: Path) -> tuple[dict, dict]:
         raise NormswapError(f"{converted} is not a normswap output: its config.json has no 'normswap' metadata")
     if isinstance(src_cfg.get("normswap"), dict):
         raise NormswapError(f"{original} is itself a normswap output; pass the original (LayerNorm) model with --against")
-    a, b = out_cfg.get("model_type"), src_cfg.get("model_type")
-    if a != b or out_cfg.get("architectures") != src_cfg.get("architectures"):
-        raise NormswapError(f"the architectures do not match: {converted} is {a} {out_cfg.get('architectures')}, "
-                            f"{original} is {b} {src_cfg.get('architectures')}")
+    from normswap.publish.remote_code import stock_identity  # outputs only right with RMSNorm carry normswap_ names
+
+    (a, arch_a), (b, arch_b) = stock_identity(out_cfg), stock_identity(src_cfg)
+    if a != b or arch_a != arch_b:
+        raise NormswapError(f"the architectures do not match: {converted} is {a} {arch_a}, {original} is {b} {arch_b}")
     return out_cfg, meta
 
 
@@ -197,10 +198,14 @@ def _dominant_dtype(checkpoint: SourceCheckpoint) -> torch.dtype:
 
 
 def _tokenizer(folder: Path):
+    """The tokenizer ``normswap convert`` would have used for the probes (same rule as ``load_source``)."""
+    from normswap.checkpoint import usable_tokenizer
+
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     except Exception:  # noqa: BLE001 - no tokenizer: random ids
         return None
+    return tokenizer if usable_tokenizer(tokenizer) else None
 
 
 def verify_folder(converted: str | os.PathLike, original: str | os.PathLike, *, dtype: torch.dtype | None = None,
