@@ -31,12 +31,19 @@ def _biogpt() -> T.BioGptForCausalLM:
     return perturb_(T.BioGptForCausalLM(cfg))
 
 
+def _xglm() -> T.XGLMForCausalLM:
+    # Sinusoidal positions in a non-persistent buffer: discovered as a writer re-centred at run time.
+    torch.manual_seed(0)
+    cfg = T.XGLMConfig(vocab_size=96, d_model=H, num_layers=2, attention_heads=4, ffn_dim=96, max_position_embeddings=64)
+    return perturb_(T.XGLMForCausalLM(cfg))
+
+
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits.double()
 
 
-@pytest.mark.parametrize("factory", [_mpt, _biogpt], ids=["mpt", "biogpt"])
+@pytest.mark.parametrize("factory", [_mpt, _biogpt, _xglm], ids=["mpt", "biogpt", "xglm"])
 def test_convert_cli_discovers_converts_and_verifies(factory, tmp_path, capsys):
     model = factory()
     model_type = model.config.model_type
