@@ -71,24 +71,35 @@ def generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " / ").strip()
 
 
-def measure(work: Path, targets: list[str], new_tokens: int, threads: int) -> dict:
+def measure(work: Path, targets: list[str], new_tokens: int, threads: int, previous: dict | None = None,
+            healed_name: str = "{target}-healed") -> dict:
+    """Cross-entropy on valid.txt and generations; figures already in ``previous`` (an earlier run's JSON for the
+    same folders) are reused rather than recomputed, so the slow CPU passes run once."""
     import torch
     import transformers
 
     import normswap
 
+    previous = previous or {}
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     valid = VALID.read_text(encoding="utf-8")
     tok = transformers.AutoTokenizer.from_pretrained(MODEL)
     original = transformers.AutoModelForCausalLM.from_pretrained(MODEL).eval()
-    ce_orig, tokens = cross_entropy(original, tok, valid)
+    if "ce_original" in previous:
+        ce_orig, tokens = previous["ce_original"], previous["valid_tokens"]
+    else:
+        ce_orig, tokens = cross_entropy(original, tok, valid)
     results: dict = {"valid_tokens": tokens, "ce_original": ce_orig, "targets": {}}
     models = {"original": original}
     for target in targets:
         row = {}
-        for stage, folder in (("naive", work / target), ("healed", work / f"{target}-healed")):
+        old = (previous.get("targets") or {}).get(target) or {}
+        for stage, folder in (("naive", work / target), ("healed", work / healed_name.format(target=target))):
             if not folder.is_dir():
+                continue
+            if f"ce_{stage}" in old and stage == "naive":
+                row["ce_naive"], row["gap_naive"] = old["ce_naive"], old["gap_naive"]
                 continue
             model = normswap.load(folder)
             ce, _ = cross_entropy(model, tok, valid)
@@ -102,10 +113,13 @@ def measure(work: Path, targets: list[str], new_tokens: int, threads: int) -> di
                     row["finetune_wall_s"] = rep["wall_time_s"]
                     row["steps"] = rep["steps"]
                     row["removal"] = rep.get("removal")
+                    row["finetune_after"] = rep["after"]
         results["targets"][target] = row
     gens = []
-    for prompt in prompts(valid):
-        gens.append({"prompt": prompt, **{name: generate(m, tok, prompt, new_tokens) for name, m in models.items()}})
+    for i, prompt in enumerate(prompts(valid)):
+        old = (previous.get("generations") or [{}] * 20)[i] if previous.get("generations") else {}
+        gens.append({"prompt": prompt, **{name: old[name] if name in old else generate(m, tok, prompt, new_tokens)
+                                          for name, m in models.items()}})
     results["generations"] = gens
     return results
 
@@ -137,6 +151,8 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true", help="continue a killed fine-tuning run")
     ap.add_argument("--new-tokens", type=int, default=24, help="greedy tokens generated per prompt")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--previous", type=Path, help="an earlier results JSON whose figures are reused")
+    ap.add_argument("--healed-name", default="{target}-healed", help="healed folder name under --work to measure")
     args = ap.parse_args()
     if not MODEL.is_dir():
         print(f"needs {MODEL} (the shared folder)", file=sys.stderr)
@@ -145,14 +161,15 @@ def main() -> int:
     walls = {}
     if not args.measure_only:
         for target in args.targets:
-            naive, healed = args.work / target, args.work / f"{target}-healed"
+            naive, healed = args.work / target, args.work / args.healed_name.format(target=target)
             if not naive.is_dir():
                 run(["convert", str(MODEL), "-o", str(naive), "--to", target, "--approximate"], args.threads)
             cmd = ["finetune", str(naive), "--teacher", str(MODEL), "--recipe", RECIPES[target], "--text-file",
                    str(TRAIN), "--eval-text-file", str(VALID), "-o", str(healed), "--force"]
             cmd += [f"--set={o}" for o in args.overrides] + (["--resume"] if args.resume else [])
             walls[target] = run(cmd, args.threads)
-    results = measure(args.work, args.targets, args.new_tokens, args.threads)
+    previous = json.loads(args.previous.read_text()) if args.previous else None
+    results = measure(args.work, args.targets, args.new_tokens, args.threads, previous, args.healed_name)
     results["commands"] = walls
     results["load_average_at_end"] = os.getloadavg()
     if args.json:
