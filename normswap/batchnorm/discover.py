@@ -153,29 +153,24 @@ def discover(model: nn.Module, probes: dict) -> Discovery:
         if isinstance(x, torch.Tensor):
             rec.tensor, rec.version, rec.node = x, x._version, x.grad_fn
 
-    def after_bn(module, _inp, out, name=None):
-        if isinstance(out, torch.Tensor):
-            records[name].out_node = out.grad_fn
-
     bn_outputs: dict[object, str] = {}  # grad_fn of a BatchNorm's output -> its name
+
+    def after_bn(module, _inp, out, name=None):
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            records[name].out_node = out.grad_fn
+            bn_outputs[out.grad_fn] = name
 
     def reader(module, inp, name=None):
         for x in inp:
             if isinstance(x, torch.Tensor) and x.grad_fn is not None and x.grad_fn in bn_outputs:
                 records[bn_outputs[x.grad_fn]].readers.append(name)
 
-    def note_bn_output(module, _inp, out, name=None):
-        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            bn_outputs[out.grad_fn] = name
-
     for name, m in producers.items():
         handles.append(m.register_forward_hook(lambda mod, i, o, name=name: after_producer(mod, i, o, name)))
+        handles.append(m.register_forward_pre_hook(lambda mod, i, name=name: reader(mod, i, name)))
     for name, m in bns.items():
         handles.append(m.register_forward_pre_hook(lambda mod, i, name=name: before_bn(mod, i, name)))
         handles.append(m.register_forward_hook(lambda mod, i, o, name=name: after_bn(mod, i, o, name)))
-        handles.append(m.register_forward_hook(lambda mod, i, o, name=name: note_bn_output(mod, i, o, name)))
-    for name, m in producers.items():
-        handles.append(m.register_forward_pre_hook(lambda mod, i, name=name: reader(mod, i, name)))
 
     params = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
