@@ -18,7 +18,9 @@ def measured_gaps(meta: dict) -> list[str]:
     after = (meta.get("finetune") or {}).get("after") or {}
     if after.get("student_perplexity") and after.get("teacher_perplexity"):
         gap = math.log(after["student_perplexity"]) - math.log(after["teacher_perplexity"])
-        out.append(f"{gap:+.3f} nats/token after fine-tuning (held-out text of the fine-tuning run)")
+        tokens = f"{after['tokens']:,} " if isinstance(after.get("tokens"), int) else ""
+        out.append(f"{gap:+.3f} nats/token after fine-tuning (on the {tokens}held-out tokens of the fine-tuning "
+                   "run's evaluation; measure on more text before relying on it)")
     return out
 
 
