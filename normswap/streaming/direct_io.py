@@ -53,6 +53,9 @@ class AlignedBuffer:
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
 
     def close(self) -> None:
+        """Unmap; a second call is a no-op (after a failed write the current chunk is also among the pending)."""
+        if not hasattr(self, "tensor"):
+            return
         del self.tensor
         self.view.release()
         try:
