@@ -55,7 +55,13 @@ def make_probes(model: nn.Module, tokenizer=None, batch: int = 2, seq_len: int =
         size = getattr(config, "image_size", 224)
         channels = getattr(config, "num_channels", 3)
         pixels = torch.randn(batch, channels, size, size, generator=gen)
-        return {"pixel_values": pixels.to(device=device, dtype=model_dtype(model))}
+        probes = {"pixel_values": pixels.to(device=device, dtype=model_dtype(model))}
+        patch = getattr(config, "patch_size", None)
+        if "noise" in inspect.signature(model.forward).parameters and isinstance(size, int) and isinstance(patch, int):
+            # ViT-MAE masks patches at random unless given the noise: every run must mask the same patches
+            noise = torch.rand(batch, (size // patch) ** 2, generator=gen)
+            probes["noise"] = noise.to(device=device, dtype=model_dtype(model))
+        return probes
     if main != "input_ids":
         raise ValueError(f"don't know how to build probe inputs for main input {main!r}")
     text_config = config.get_text_config()
@@ -153,6 +159,13 @@ class VerificationResult:
     uncentered_writers: list[str] = field(default_factory=list)
     #: What was run: "whole model, module by module" or a streamed/partial description.
     scope: str = ""
+    #: The primary output's field name (the figures above), and each other output's figures against float64
+    #: ({field: original_error, converted_error, bound, passed, mean_removed}).
+    output_name: str | None = None
+    outputs: dict[str, dict] = field(default_factory=dict)
+    #: Outputs that are the residual stream itself (CLIP vision's last_hidden_state, hidden_states): an exact
+    #: conversion returns them mean-removed by design, so they were compared after removing each token's mean.
+    raw_stream_outputs: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -187,6 +200,12 @@ class VerificationResult:
         parts.append(f"max |mean|/rms at exact norm inputs = {self._worst_exact_mean():.1e}")
         return ", ".join(parts)
 
+    def raw_stream_outputs_note(self) -> str:
+        """The raw-stream outputs in words (stdout, card)."""
+        names = ", ".join(self.raw_stream_outputs)
+        return (f"{names} {'is' if len(self.raw_stream_outputs) == 1 else 'are'} the raw residual stream: returned "
+                "mean-removed (x − mean(x) per token) by design, compared after removing the mean")
+
     def _truth_summary(self) -> str:
         dt = self.dtype or "the saved dtype"
         if self.mode == "approximate":
@@ -214,6 +233,12 @@ class VerificationResult:
         ]
         if self.blocks_checked:
             parts.append(f"{self.blocks_checked} blocks checked")
+        if self.outputs:
+            worst = max(self.outputs, key=lambda n: self.outputs[n]["converted_error"])
+            parts.append(f"{len(self.outputs)} other output(s) checked (worst {worst}: "
+                         f"{self.outputs[worst]['converted_error']:.1e})")
+        if self.raw_stream_outputs:
+            parts.append(f"{self.raw_stream_outputs_note()}")
         text = ", ".join(parts)
         if self.first_failure:
             text += f"; first failure: {self.first_failure}"

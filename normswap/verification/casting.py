@@ -31,13 +31,25 @@ def memory_provider(_name: str, tensor: torch.Tensor, dtype: torch.dtype) -> tor
     return tensor.to(dtype)
 
 
-def _own_tensors(module: nn.Module) -> list[tuple[str, dict]]:
-    """Names of the floating parameters and buffers a module owns directly, with the dict that holds each."""
+def _whole(module: nn.Module) -> bool:
+    """A torch.nn module with children whose forward reads the children's weights itself (``nn.MultiheadAttention``
+    passes ``out_proj.weight`` to a functional call; SigLIP's pooling head uses one): its children never run, so
+    the whole subtree's tensors are cast in its own hook."""
+    kind = type(module).__module__
+    return (kind.startswith("torch.nn.") and kind != "torch.nn.modules.container"  # containers run their children
+            and next(module.children(), None) is not None)
+
+
+def _own_tensors(module: nn.Module) -> list[tuple[str, str, dict]]:
+    """(name relative to ``module``, key, the dict that holds it) of each floating parameter and buffer the module
+    owns directly, or of its whole subtree for a :func:`_whole` module."""
     found = []
-    for store in (module._parameters, module._buffers):
-        for name, t in store.items():
-            if t is not None and t.is_floating_point():
-                found.append((name, store))
+    subtree = module.named_modules() if _whole(module) else [("", module)]
+    for path, owner in subtree:
+        for store in (owner._parameters, owner._buffers):
+            for key, t in store.items():
+                if t is not None and t.is_floating_point():
+                    found.append((f"{path}.{key}" if path else key, key, store))
     return found
 
 
@@ -82,11 +94,11 @@ def run_at(model: nn.Module, dtype: torch.dtype, provider: Provider = memory_pro
         prefix = names.get(id(module), "")
         trace.last = prefix or type(module).__name__
         held = []
-        for name, store in _own_tensors(module):
-            current = store[name]
+        for name, key, store in _own_tensors(module):
+            current = store[key]
             value = provider(f"{prefix}.{name}" if prefix else name, current.data, dtype)
-            held.append((store[name], current.data))
-            store[name].data = value
+            held.append((current, current.data))
+            current.data = value
         saved.setdefault(id(module), []).append(held)
         return tuple(_cast_value(a, dtype) for a in args), {k: _cast_value(v, dtype) for k, v in kwargs.items()}
 
@@ -102,12 +114,17 @@ def run_at(model: nn.Module, dtype: torch.dtype, provider: Provider = memory_pro
             trace.first_nonfinite = names.get(id(module), "") or type(module).__name__
 
     replaced = []
+    inside_whole: tuple[str, ...] = ()
     try:
         for name, module in model.named_modules():
+            if inside_whole and name.startswith(inside_whole):
+                continue  # cast by the enclosing whole module's hook
             if override is not None and (fwd := override(name, module)) is not None:
                 replaced.append(module)
                 module.forward = fwd
                 continue
+            if _whole(module):
+                inside_whole = (*inside_whole, name + ".")
             if _own_tensors(module):
                 handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
                 handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))

@@ -14,8 +14,11 @@ from normswap.adapters import Adapter
 from normswap.verification.figures import (
     ERROR_MARGIN,
     block_figures,
+    centred_output,
     floor_for,
+    is_raw_stream,
     mean_threshold,
+    other_output_figures,
     output_figures,
 )
 from normswap.verification.runs import Run, capture, dtype_name
@@ -35,15 +38,22 @@ def is_logits(model: nn.Module, out: torch.Tensor) -> bool:
 
 
 def judge(truth: Run, original: Run, converted: Run, *, blocks: list[Block], norms: dict[str, bool], mode: str,
-          logits: bool, tolerance: float | None = None, probe: str = "", scope: str = "") -> VerificationResult:
+          logits: bool, tolerance: float | None = None, probe: str = "", scope: str = "",
+          raw_outputs: tuple[str, ...] = ()) -> VerificationResult:
     """The verdict: exact mode passes when the converted model is no further from the float64 original than the
     original at the same dtype (×1.5, or a floor of a few ulps), every exact norm input and every writer output
-    is zero-mean, and every block's stream passes the same test. ``tolerance`` replaces the bound when given."""
+    is zero-mean, and every block's stream passes the same test. ``tolerance`` replaces the bound when given.
+
+    ``raw_outputs`` are the adapter's ``raw_stream_outputs``: outputs that *are* the residual stream (CLIP vision's
+    ``last_hidden_state``) come back mean-removed by design, so they are compared after removing each token's
+    mean from every run; every other output the model returns is held to the same bound as the primary one."""
     exact = mode == "exact"
-    fig = output_figures(truth, original, converted, logits)
+    raw = [n for n in [converted.output_name, *converted.others] if is_raw_stream(n, raw_outputs)]
+    fig = output_figures(*(centred_output(r, raw) for r in (truth, original, converted)), logits)
     dtype = converted.dtype
     floor = floor_for(dtype)
     bound = tolerance if tolerance is not None else max(ERROR_MARGIN * fig["original_error"], floor)
+    others = other_output_figures(truth, original, converted, raw, tolerance)
     limit = mean_threshold(dtype)
     norm_inputs = {n: NormInputStats(r, rms, norms[n]) for n, (r, rms) in converted.norms.items() if n in norms}
     uncentred_norms = [n for n, s in norm_inputs.items() if s.exact and s.max_mean_over_rms >= limit]
@@ -56,7 +66,15 @@ def judge(truth: Run, original: Run, converted: Run, *, blocks: list[Block], nor
     if failure is None and exact and fig["converted_error"] > bound:
         failure = (f"output: {fig['converted_error']:.1e} from the float64 original, more than the bound "
                    f"{bound:.1e}")
-    passed = not uncentred_norms and (not exact or failure is None)
+    if failure is None and exact:
+        failure = next((f"output {n}: {f['converted_error']:.1e} from the float64 original, more than the bound "
+                        f"{f['bound']:.1e}" for n, f in others.items() if not f["passed"]), None)
+    random = next((f"{what} draws random numbers in its forward ({r.random_draws})"
+                   for what, r in (("the original", truth), ("the converted model", converted)) if r.random_draws), None)
+    if random is not None:  # the runs compare different computations: whatever the figures, nothing is certified
+        failure = (f"not verified: {random}, so its outputs depend on the draws and no run certifies another; pass "
+                   "the random inputs explicitly (ViT-MAE: noise)")
+    passed = not uncentred_norms and (not exact or failure is None) and random is None
     return VerificationResult(
         max_abs_diff=fig["max_abs_diff"], max_abs_reference=fig["max_abs_reference"],
         rel_max_abs_diff=fig["rel_max_abs_diff"], kl=fig["kl"], top1_agreement=fig["top1_agreement"],
@@ -65,7 +83,8 @@ def judge(truth: Run, original: Run, converted: Run, *, blocks: list[Block], nor
         cosine_mean=fig["cosine_mean"], reference="float64", dtype=dtype_name(dtype),
         original_error=fig["original_error"], converted_error=fig["converted_error"], ratio=fig["ratio"],
         floor=floor, mode=mode, blocks=records, blocks_checked=len(records), first_failure=failure,
-        uncentered_writers=uncentred_writers, scope=scope,
+        uncentered_writers=uncentred_writers, scope=scope, output_name=converted.output_name,
+        raw_stream_outputs=raw, outputs=others,
     )
 
 
@@ -102,4 +121,5 @@ class TruthVerifier:
                             what="the converted model")
         scope = f"whole model in memory, run module by module in float64 and {dtype_name(self.dtype)}"
         return judge(self.truth, self.original, converted, blocks=self.blocks, norms=norms, mode=mode,
-                     logits=is_logits(model, converted.output), tolerance=tolerance, probe=probe, scope=scope)
+                     logits=is_logits(model, converted.output), tolerance=tolerance, probe=probe, scope=scope,
+                     raw_outputs=self.adapter.raw_stream_outputs)

@@ -11,6 +11,8 @@ no model at that dtype can be, whatever it computes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from normswap.verification.runs import Run, dtype_name
@@ -48,6 +50,35 @@ def rel_error(x: torch.Tensor, truth: torch.Tensor) -> float:
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(-1, keepdim=True)
+
+
+def is_raw_stream(name: str, raw_outputs: tuple[str, ...] | list[str]) -> bool:
+    """Whether output field ``name`` ("last_hidden_state", "hidden_states.3") is one of the raw stream outputs."""
+    return any(name == r or name.startswith(r + ".") for r in raw_outputs)
+
+
+def centred_output(run: Run, raw: list[str]) -> Run:
+    """``run`` with its primary output mean-removed per token when that output is the raw residual stream."""
+    return replace(run, output=_centre(run.output)) if run.output_name in raw else run
+
+
+def other_output_figures(truth: Run, original: Run, converted: Run, raw: list[str],
+                         tolerance: float | None) -> dict[str, dict]:
+    """Every output besides the primary one (pooler_output, the towers' outputs of a dual encoder), each held to
+    its own bound; raw stream outputs are compared after removing each token's mean (in every run)."""
+    floor = floor_for(converted.dtype)
+    found = {}
+    for name, c in converted.others.items():
+        t, o = truth.others.get(name), original.others.get(name)
+        if t is None or o is None or t.shape != c.shape or o.shape != c.shape:
+            continue
+        if name in raw:
+            t, o, c = _centre(t), _centre(o), _centre(c)
+        o_err, c_err = rel_error(o, t), rel_error(c, t)
+        bound = tolerance if tolerance is not None else max(ERROR_MARGIN * o_err, floor)
+        found[name] = {"original_error": o_err, "converted_error": c_err, "bound": bound, "passed": c_err <= bound,
+                       "mean_removed": name in raw}
+    return found
 
 
 def output_figures(truth: Run, original: Run, converted: Run, is_logits: bool) -> dict:

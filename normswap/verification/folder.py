@@ -23,7 +23,7 @@ from torch import nn
 
 from normswap.adapters import adapter_for_config
 from normswap.errors import CheckpointError, NormswapError
-from normswap.streaming.plan import NameMap, loaded_prefix
+from normswap.streaming.plan import NameMap, loaded_names, loaded_prefix
 from normswap.streaming.safetensors_io import TORCH_DTYPES, TensorEntry, read_tensor
 from normswap.streaming.source import SourceCheckpoint, open_checkpoint
 from normswap.verification.engine import all_writers, is_logits, judge
@@ -56,7 +56,10 @@ def _parameters_on_meta():
 def skeleton(config, model_cls: type) -> nn.Module:
     """``model_cls`` built from ``config`` with placeholder parameters: right shapes, one element of memory each."""
     with _parameters_on_meta():
-        model = model_cls._from_config(config) if hasattr(model_cls, "_from_config") else model_cls(config)
+        if isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel):
+            model = model_cls._from_config(config)
+        else:  # an Auto class (a config without ``architectures``), as streaming builds it
+            model = model_cls.from_config(config)
         if hasattr(model, "tie_weights"):
             model.tie_weights()  # from_pretrained ties a head the file omits; the skeleton must share it the same way
     replaced: dict[int, nn.Parameter] = {}
@@ -117,6 +120,8 @@ class FileWeights:
 def _file_weights(folder: Path, model: nn.Module, adapter) -> FileWeights:
     checkpoint = open_checkpoint(folder)
     names = NameMap(adapter, loaded_prefix(type(model), model.config), set(checkpoint.tensors))
+    # transformers' own renaming of the file's keys (BEiT's lambda_1, legacy spellings), as streaming uses it
+    names.renamed = loaded_names(model, set(checkpoint.tensors))
     by_param: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         by_param.setdefault(id(p), []).append(name)
@@ -184,7 +189,7 @@ def _check_inputs(converted: Path, original: Path) -> tuple[dict, dict]:
     from normswap.publish.remote_code import stock_identity  # outputs only right with RMSNorm carry normswap_ names
 
     (a, arch_a), (b, arch_b) = stock_identity(out_cfg), stock_identity(src_cfg)
-    if a != b or arch_a != arch_b:
+    if a != b or (arch_a and arch_b and arch_a != arch_b):  # a config without architectures loads as AutoModel
         raise NormswapError(f"the architectures do not match: {converted} is {a} {arch_a}, {original} is {b} {arch_b}")
     return out_cfg, meta
 
@@ -258,4 +263,5 @@ def verify_folder(converted: str | os.PathLike, original: str | os.PathLike, *, 
     scope = (f"every block of {converted.name} against {original.name}, weights read module by module from the "
              f"files, in float64 and {dtype_name(dtype)}")
     return judge(truth, orig, conv, blocks=out_blocks, norms=norms, mode=meta.get("mode", "exact"),
-                 logits=is_logits(out_model, conv.output), tolerance=tolerance, probe=desc, scope=scope)
+                 logits=is_logits(out_model, conv.output), tolerance=tolerance, probe=desc, scope=scope,
+                 raw_outputs=adapter.raw_stream_outputs)

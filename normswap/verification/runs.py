@@ -7,6 +7,8 @@ original and the converted model at the saved dtype) are compared by :mod:`norms
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,31 @@ def primary_output(outputs) -> torch.Tensor:
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
+#: Output fields never compared: caches are not outputs of the computation the conversion must preserve.
+_SKIPPED_OUTPUTS = ("past_key_values", "cache_params", "mems")
+
+
+def named_outputs(outputs, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every floating tensor the model returns, by dotted field name ("pooler_output",
+    "vision_model_output.last_hidden_state", "hidden_states.2"), first field first."""
+    found: dict[str, torch.Tensor] = {}
+    if torch.is_tensor(outputs):
+        if outputs.is_floating_point():
+            found[prefix or "output"] = outputs
+        return found
+    if hasattr(outputs, "to_tuple") and hasattr(outputs, "items"):
+        items = list(outputs.items())
+    elif isinstance(outputs, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(outputs)]
+    else:
+        return found
+    for key, value in items:
+        if key in _SKIPPED_OUTPUTS:
+            continue
+        found.update(named_outputs(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+    return found
+
+
 def _stream(out) -> torch.Tensor | None:
     if torch.is_tensor(out):
         return out
@@ -39,6 +66,48 @@ def _stream(out) -> torch.Tensor | None:
     if hasattr(out, "to_tuple"):
         return _stream(out.to_tuple())
     return None
+
+
+#: The seed every run starts from, so that a model drawing random numbers draws the same ones in each run.
+PROBE_SEED = 0
+
+
+class _Draws:
+    what: str = ""
+
+
+@contextmanager
+def seeded(seed: int = PROBE_SEED) -> Iterator[_Draws]:
+    """Run the body with torch's, Python's and NumPy's generators seeded to ``seed``, restore them afterwards, and
+    say which generator the body drew from (ViT-MAE's random masking draws noise in its forward: each run would
+    mask different patches, and the runs would compare unrelated computations)."""
+    import random
+
+    import numpy as np
+
+    draws = _Draws()
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        before = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda], random.getstate(),
+                  np.random.get_state()[1].copy(), np.random.get_state()[2])
+        try:
+            yield draws
+        finally:
+            moved = []
+            if not torch.equal(before[0], torch.get_rng_state()) or any(
+                    not torch.equal(s, torch.cuda.get_rng_state(d)) for s, d in zip(before[1], cuda, strict=True)):
+                moved.append("torch")
+            if before[2] != random.getstate():
+                moved.append("Python's random")
+            if not np.array_equal(before[3], np.random.get_state()[1]) or before[4] != np.random.get_state()[2]:
+                moved.append("NumPy")
+            draws.what = " and ".join(moved)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 @dataclass
@@ -52,6 +121,12 @@ class Run:
     writers: dict[str, float] = field(default_factory=dict)
     #: swapped norm name -> (max |mean|/rms of its input, mean rms of its input) (converted run only)
     norms: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: The primary output's field name, and every other floating output by field name (float64, CPU).
+    output_name: str = "output"
+    others: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: What drew random numbers during the forward (torch/Python/NumPy generators), "" when nothing did: such a
+    #: model's runs depend on the draws, so they cannot certify each other.
+    random_draws: str = ""
 
 
 @torch.no_grad()
@@ -102,9 +177,11 @@ def capture(model: nn.Module, probes: dict, dtype: torch.dtype, blocks: list[Blo
     try:
         if dtype == torch.float64:  # tensors the forward creates itself (mask fill values) are float64 too
             torch.set_default_dtype(torch.float64)
-        with run_at(model, dtype, provider, override) as trace:
+        with run_at(model, dtype, provider, override) as trace, seeded() as draws:
             try:
-                out = primary_output(model(**probes))
+                named = named_outputs(model(**probes))
+                out_name = next(iter(named), "output")
+                out = named.pop(out_name) if named else None
             except NormswapError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure inside the model becomes one readable line
@@ -117,10 +194,13 @@ def capture(model: nn.Module, probes: dict, dtype: torch.dtype, blocks: list[Blo
         model.train(was_training)
         for h in handles:
             h.remove()
+    if out is None:
+        raise VerificationError(f"{what} returned no floating-point output on the probe inputs; nothing to compare")
     out = out.detach().to(torch.float64).cpu()
+    others = {k: v.detach().to(torch.float64).cpu() for k, v in named.items()}
     if not bool(torch.isfinite(out).all()):
         where = trace.first_nonfinite or "the output"
         raise VerificationError(f"{what} is not finite in {dtype_name(dtype)} on the probe inputs: the first module "
                                 f"with NaN/Inf output is {where}; nothing can be verified against it")
     stats = {n: (max(r for r, _ in v), sum(s for _, s in v) / len(v)) for n, v in norm_stats.items()}
-    return Run(dtype, out, streams, writer_ratios, stats)
+    return Run(dtype, out, streams, writer_ratios, stats, out_name, others, draws.what)

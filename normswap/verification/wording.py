@@ -90,6 +90,15 @@ def _truth_verification(ver: dict) -> list[str]:
     rows += _distribution_rows(ver)
     rows.append(f"| converted vs the original in {dt}: max \\|Δ{kind}\\| | {_num(ver.get('max_abs_diff'))} (relative "
                 f"{_num(ver.get('rel_max_abs_diff'))}) |")
+    for name, f in (ver.get("outputs") or {}).items():
+        note = ", mean removed" if f.get("mean_removed") else ""
+        rows.append(f"| output `{name}`{note}: converted / the original in {dt} vs the float64 original | "
+                    f"{_num(f.get('converted_error'), '.1e')} / {_num(f.get('original_error'), '.1e')} |")
     if ver.get("blocks_checked"):
         rows.append(f"| blocks checked | {ver['blocks_checked']} (each block's stream, writer outputs and norm inputs) |")
+    raw = ver.get("raw_stream_outputs") or []
+    if raw:
+        rows += ["", f"{', '.join(f'`{n}`' for n in raw)} {'is' if len(raw) == 1 else 'are'} the raw residual stream: "
+                 "the converted model returns it mean-removed (x − mean(x) per token) by design, so it was compared "
+                 "with the original after removing each token's mean; every other output is unchanged."]
     return [intro, "", *rows, *_verification_warnings(ver, status or "")]
