@@ -83,9 +83,14 @@ class ConversionReport:
         }
 
     def summary(self) -> str:
+        # A writer re-centred at run time (a hook; its weights are unchanged) is listed with the writers but is
+        # not a centred writer: the count says how many had their weights centred.
+        recentred = [w for w in self.centered_writers if w in self.recentered_writers]
         lines = [
             f"normswap {self.normswap_version}: {self.model_type}, {self.mode} conversion",
-            f"  centred writers: {len(self.centered_writers)}   swapped norms: {len(self.swapped_norms)} "
+            f"  centred writers: {len(self.centered_writers) - len(recentred)}"
+            + (f"   re-centred at run time: {len(recentred)}" if recentred else "")
+            + f"   swapped norms: {len(self.swapped_norms)} "
             f"({len(self.approximate_norms)} approximate)   kept LayerNorms: {len(self.kept_norms)}"
             + ("   lm_head untied from the embedding" if self.untied_head else ""),
         ]

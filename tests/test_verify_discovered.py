@@ -154,3 +154,17 @@ def test_verify_folder_finds_renamed_keys(tmp_path, capsys, no_architectures):
     result = json.loads(capsys.readouterr().out)
     assert result["passed"] and result["blocks_checked"] == 2
     assert result["raw_stream_outputs"] == ["last_hidden_state"]
+
+
+def test_summary_counts_recentred_writers_apart():
+    """XGLM's sinusoidal positions are re-centred at run time: not counted among the centred writers."""
+    torch.manual_seed(0)
+    cfg = T.XGLMConfig(vocab_size=96, d_model=H, num_layers=2, attention_heads=4, ffn_dim=96,
+                       max_position_embeddings=64)
+    model = perturb_(T.XGLMForCausalLM(cfg)).eval()
+    report = normswap.convert_(model)
+    assert report.passed and report.recentered_writers
+    recentred = len(report.recentered_writers)
+    line = report.summary().splitlines()[1]
+    assert f"centred writers: {len(report.centered_writers) - recentred} " in line
+    assert f"re-centred at run time: {recentred}" in line
