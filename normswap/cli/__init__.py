@@ -87,6 +87,10 @@ def run_command(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     except AlreadyRMSNormError as exc:
         print(f"normswap: {exc}; nothing written.", file=console(args))
+        if getattr(args, "json", False):  # exit 0 with --json: stdout is still one JSON document
+            import json
+
+            print(json.dumps({"mode": "nothing_to_convert", "written": False, "message": str(exc)}, indent=2))
         return 0
     except NormswapError as exc:
         return _error(exc)
