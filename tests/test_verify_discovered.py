@@ -168,3 +168,22 @@ def test_summary_counts_recentred_writers_apart():
     line = report.summary().splitlines()[1]
     assert f"centred writers: {len(report.centered_writers) - recentred} " in line
     assert f"re-centred at run time: {recentred}" in line
+
+
+def test_verify_names_the_block_of_an_uncentred_writer_in_a_discovered_model(tmp_path, capsys):
+    """Blocks and writers come from the one structure resolver, LayerScale writers included: a writer of block 1
+    left with a mean on disk is caught and named."""
+    from safetensors.torch import load_file, save_file
+
+    model = _beit()
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--no-eval"]) == 0
+    path = tmp_path / "out" / "model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if ".layer.1." in k and k.endswith("attention.output.dense.bias"))
+    tensors[key] = tensors[key] + 0.5
+    save_file(tensors, path, metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "out"), "--against", str(tmp_path / "src")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: block 1: attention.o_proj output not centred" in out, out  # on disk: attention.output.dense

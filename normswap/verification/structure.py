@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from normswap.adapters import Adapter
+from normswap.structure import ConcreteWriter, base_and_prefix, lookup, resolve
 
 #: Writer layouts whose module output is [..., hidden] (hidden last), so the output's mean over it can be checked.
 CHECKED_LAYOUTS = ("linear", "conv1d", "embedding")
@@ -30,57 +31,44 @@ class Block:
 
 def base_of(model: nn.Module) -> tuple[nn.Module, str]:
     """The base model and its dotted name inside the top-level model ('' when the model is the base)."""
-    base = getattr(model, "base_model", model)
-    if base is model:
-        return model, ""
-    for name, module in model.named_children():
-        if module is base:
-            return base, name + "."
-    return base, ""
+    return base_and_prefix(model)
 
 
-def _module_at(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        found = root.get_submodule(path)
-    except AttributeError:
-        return None
-    return found if isinstance(found, nn.Module) else None
+def _checked(writer: ConcreteWriter) -> bool:
+    return not writer.is_parameter and writer.layout in CHECKED_LAYOUTS
 
 
 def resolve_blocks(model: nn.Module, adapter: Adapter) -> list[Block]:
-    """Every block of every stack, in forward order of declaration, with the block writers that have an output."""
-    base, prefix = base_of(model)
-    stacks = []
-    if adapter.blocks:
-        stacks.append((adapter.blocks, adapter.block_writers, ""))
-    for stack in getattr(adapter, "stacks", ()) or ():
-        stacks.append((stack.blocks, stack.block_writers, f"{stack.blocks} "))
+    """Every block of every stack, in the adapter's order, with the block writers that have an output.
+
+    The roles come from :func:`normswap.structure.resolve`, the resolver conversion and streaming use, so the
+    blocks and writers verified are exactly those the conversion touched.
+    """
+    structure = resolve(model, adapter, model.config)
+    first = structure.prefix + adapter.blocks if adapter.blocks else None
     blocks: list[Block] = []
-    for path, writers, label in stacks:
-        modules = _module_at(base, path)
-        if not isinstance(modules, nn.ModuleList):
-            continue
-        for i, block in enumerate(modules):
-            found = []
-            for w in writers:
-                if w.layout not in CHECKED_LAYOUTS:
-                    continue
-                module = _module_at(block, w.path)
-                if module is not None and not (w.unless_present and _module_at(block, w.unless_present)):
-                    found.append((w.path, module))
-            blocks.append(Block(f"{label}block {i}", f"{prefix}{path}.{i}", block, found))
+    for path, count in structure.block_lists.items():
+        label = "" if path == first else f"{path.removeprefix(structure.prefix)} "
+        for i in range(count):
+            name = f"{path}.{i}"
+            module = lookup(model, name)
+            if not isinstance(module, nn.Module):
+                continue
+            found = [(w.name[len(name) + 1:], lookup(model, w.name)) for w in structure.writers
+                     if w.name.startswith(name + ".") and _checked(w)]
+            blocks.append(Block(f"{label}block {i}", name, module,
+                                [(path_, m) for path_, m in found if isinstance(m, nn.Module)]))
     return blocks
 
 
 def embedding_writers(model: nn.Module, adapter: Adapter) -> list[tuple[str, nn.Module]]:
     """Writers outside the blocks (embeddings, input projections) that have an output to check."""
-    base, prefix = base_of(model)
+    structure = resolve(model, adapter, model.config)
+    lists = tuple(f"{path}." for path in structure.block_lists)
     found = []
-    for w in adapter.embeddings:
-        if w.layout not in CHECKED_LAYOUTS:
-            continue
-        module = _module_at(base, w.path)
-        if module is None or (w.unless_present and _module_at(base, w.unless_present) is not None):
-            continue
-        found.append((prefix + w.path, module))
+    for w in structure.writers:
+        if _checked(w) and not (lists and w.name.startswith(lists)):
+            module = lookup(model, w.name)
+            if isinstance(module, nn.Module):
+                found.append((w.name, module))
     return found
