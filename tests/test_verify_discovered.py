@@ -187,3 +187,14 @@ def test_verify_names_the_block_of_an_uncentred_writer_in_a_discovered_model(tmp
     assert main(["verify", str(tmp_path / "out"), "--against", str(tmp_path / "src")]) == 1
     out = capsys.readouterr().out
     assert "FAILED: block 1: attention.o_proj output not centred" in out, out  # on disk: attention.output.dense
+
+
+@pytest.mark.parametrize("factory", [_beit, _vit_mae], ids=["beit", "vit_mae"])
+def test_streamed_conversion_of_discovered_types_verifies(factory, tmp_path, capsys):
+    """Streaming verifies from the files with the same certificate: every block, renamed keys, seeded probes."""
+    model = factory()
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--streaming", "--no-eval"]) == 0
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())["normswap"]
+    assert meta["verification"]["passed"] and meta["verification"]["blocks_checked"] == 2
+    assert meta["verification"]["converted_error"] < 1e-5
