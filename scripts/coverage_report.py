@@ -106,6 +106,8 @@ def _why(r: dict) -> str:
         bits.append(r["reason"])
     if r.get("unaccounted"):
         bits.append(f"left as LayerNorm: {', '.join(r['unaccounted'][:4])}")
+    if r.get("silent"):
+        bits.insert(0, "SILENT ANSWER: " + "; ".join(r.get("notes") or ["LayerNorm-like norms present"]))
     if r.get("discovery_error"):
         bits.append(f"discovery: {r['discovery_error']}")
     if r.get("result") == "approximate" and r.get("cosine_min") is not None:
@@ -195,7 +197,8 @@ def write_markdown(data: dict, path: Path) -> None:
         secs = r.get("seconds", {})
         t = (secs.get("total") or 0) - (secs.get("build") or 0) if secs.get("build") is not None else secs.get("total")
         lines.append(
-            f"| {r['model_type']} | {r.get('model_class', '–')} | {r.get('category', '–')} | {r.get('result')} | "
+            f"| {r['model_type']} | {r.get('model_class', '–')} | {r.get('category', '–')} | {r.get('result')}"
+            f"{' **(silent)**' if r.get('silent') else ''} | "
             f"{_fmt(r.get('rel_diff'))} | {adapter} | {'–' if t is None else f'{t:.1f}'} | {_why(r)} |")
     lines.append("")
     path.write_text("\n".join(lines))
