@@ -55,7 +55,8 @@ def check_output_not_source(
                     why = f"the {what} {out} is inside the {role} folder {src}"
                 else:
                     continue
-                raise OutputPathError(f"{why}; normswap never modifies the source: choose an {what} outside it")
+                article = "an" if what[:1] in "aeiou" else "a"
+                raise OutputPathError(f"{why}; normswap never modifies the source: choose {article} {what} outside it")
 
 
 def disk_error(exc: BaseException, where: str | os.PathLike | None = None) -> NormswapError | None:
