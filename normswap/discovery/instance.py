@@ -224,6 +224,16 @@ def _shrink_vision(d: dict) -> None:
             d["patch_size"] = [PATCH, PATCH]
         elif _is_int(patch) and patch > 2:
             d["patch_size"] = min(patch, PATCH)
+    for k in ("vision_feature_layer", "vision_feature_layers", "deepstack_visual_indexes"):  # layer indices
+        v = d.get(k)
+        top = LAYERS - 1 if k == "deepstack_visual_indexes" else LAYERS
+        fix = (lambda i, top=top: max(i, -(LAYERS + 1)) if i < 0 else min(i, top))  # noqa: E731
+        if _is_int(v):
+            d[k] = fix(v)
+        elif isinstance(v, list) and all(_is_int(i) for i in v):
+            d[k] = [fix(i) for i in v]
+    if isinstance(d.get("patch_to_query_dict"), dict):  # Aria: queries per number of patches of the image
+        d["patch_to_query_dict"] = {(IMAGE // PATCH) ** 2: 4}
     if _is_int(d.get("mm_tokens_per_image")) and d["mm_tokens_per_image"] > 4:  # Gemma 3: pooled to 2×2 tokens
         d["mm_tokens_per_image"] = 4
     if _is_int(d.get("window_size")) and d["window_size"] > 4 and "depths" in d:
