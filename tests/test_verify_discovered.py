@@ -198,3 +198,18 @@ def test_streamed_conversion_of_discovered_types_verifies(factory, tmp_path, cap
     meta = json.loads((tmp_path / "out" / "config.json").read_text())["normswap"]
     assert meta["verification"]["passed"] and meta["verification"]["blocks_checked"] == 2
     assert meta["verification"]["converted_error"] < 1e-5
+
+
+def test_hidden_states_tuple_is_compared_as_the_raw_stream():
+    """``output_hidden_states=True``: the per-block streams come back mean-removed in every model (discovered
+    adapters list only last_hidden_state), while the logits stay strict."""
+    torch.manual_seed(0)
+    cfg = T.MptConfig(vocab_size=96, d_model=H, n_layers=2, n_heads=4, max_seq_len=64, output_hidden_states=True)
+    model = perturb_(T.MptForCausalLM(cfg)).eval()
+    report = normswap.convert_(model)
+    v = report.verification
+    assert v.passed, v.summary()
+    assert v.output_name == "logits" and v.kl is not None
+    streams = [n for n in v.outputs if n.startswith("hidden_states.")]
+    assert len(streams) == 3 and all(v.outputs[n]["mean_removed"] and v.outputs[n]["passed"] for n in streams)
+    assert set(streams) <= set(v.raw_stream_outputs)

@@ -52,8 +52,15 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(-1, keepdim=True)
 
 
+#: Output fields that hold the stream after each block in every transformers model (issue 13: they come back
+#: mean-removed after an exact conversion), whatever the adapter lists.
+STREAM_TUPLES = ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
+
+
 def is_raw_stream(name: str, raw_outputs: tuple[str, ...] | list[str]) -> bool:
     """Whether output field ``name`` ("last_hidden_state", "hidden_states.3") is one of the raw stream outputs."""
+    if any(part in STREAM_TUPLES for part in name.split(".")):
+        return True
     return any(name == r or name.startswith(r + ".") for r in raw_outputs)
 
 
