@@ -158,3 +158,18 @@ def test_real_model_exact_conversion_keeps_perplexity(tmp_path):
     assert report["throughput"] is None
     assert abs(report["perplexity"]["relative_change"]) <= 1e-4
     assert report["perplexity"]["before"]["corpus"] == str(SHARED_VALID)
+
+
+def test_table_columns_and_units_say_what_was_converted():
+    """A BatchNorm fold is not "LayerNorm → RMSNorm", and a CNN's throughput counts images, not tokens."""
+    from normswap.evaluate.report import markdown_table
+
+    tp = {"settings": {"prompt_len": 32, "new_tokens": 8, "repeats": 3}, "interleaved": True,
+          "before": {"unit": "images", "prefill_tokens_per_s": {"8": 100.0}},
+          "after": {"unit": "images", "prefill_tokens_per_s": {"8": 110.0}}}
+    folded = markdown_table({"conversion": {"target": "none", "folds": {"batchnorm_folded": 3}}, "throughput": tp})
+    assert "| Before (BatchNorm) | After (BatchNorm folded) |" in folded
+    assert "Images/s (batch 8, one forward" in folded and "tokens/s" not in folded
+    removed = markdown_table({"conversion": {"target": "dyt", "folds": {}}})
+    assert "| Before (LayerNorm) | After (DyT) |" in removed
+    assert "| Before (LayerNorm) | After (RMSNorm) |" in markdown_table({"conversion": {"mode": "exact"}})

@@ -165,6 +165,7 @@ def conversion_report(
         "command": command,
         "machine": environment(model_device(model), model_dtype(model)) if model is not None else environment(),
         "conversion": {"model_type": conversion.model_type, "mode": conversion.mode,
+                       "target": getattr(conversion, "target", "rmsnorm"),
                        "swapped_norms": len(conversion.swapped_norms), "folds": conversion.folds},
         "perplexity": None,
         "fidelity": after.fidelity,

@@ -57,12 +57,13 @@ def _throughput_rows(tp: dict) -> list[str]:
     repeats = settings.get("repeats")
     how = "interleaved" if tp.get("interleaved") else "sequential"
     rows = []
-    for metric, what in (("prefill_tokens_per_s", f"{settings.get('prompt_len')}-token prompt"),
+    images = fb.get("unit") == "images"
+    for metric, what in (("prefill_tokens_per_s", "one forward" if images else f"{settings.get('prompt_len')}-token prompt"),
                          ("decode_tokens_per_s", f"{settings.get('new_tokens')} new tokens")):
-        label = metric.split("_")[0].capitalize()
+        label = "Images/s" if images else metric.split("_")[0].capitalize() + " tokens/s"
         for bs in (fb.get(metric) or {}):
             b, a = fb[metric].get(bs), (fa.get(metric) or {}).get(bs)
-            rows.append(f"| {label} tokens/s (batch {bs}, {what}, median of {repeats}, {how}) | {_fmt(b, 1)} | "
+            rows.append(f"| {label} (batch {bs}, {what}, median of {repeats}, {how}) | {_fmt(b, 1)} | "
                         f"{_fmt(a, 1)} | {_ratio(b, a)} |")
     for bs, mem in (fb.get("peak_memory") or {}).items():
         after_mem = (fa.get("peak_memory") or {}).get(bs) or {}
@@ -80,9 +81,28 @@ def _throughput_rows(tp: dict) -> list[str]:
     return rows
 
 
+#: Column titles by conversion target: what the "before" model normalises with and what the "after" one runs.
+_COLUMNS = {
+    "rmsnorm": ("Before (LayerNorm)", "After (RMSNorm)"),
+    "dyt": ("Before (LayerNorm)", "After (DyT)"),
+    "none": ("Before (LayerNorm)", "After (no LayerNorm)"),
+    "batchnorm": ("Before (BatchNorm)", "After (BatchNorm folded)"),
+}
+
+
+def _columns(report: dict) -> tuple[str, str]:
+    """The before/after column titles; a BatchNorm fold is told apart from LayerNorm removal by its folds."""
+    conv = report.get("conversion") or {}
+    target = conv.get("target") or "rmsnorm"
+    if target == "none" and "batchnorm_folded" in (conv.get("folds") or {}):
+        target = "batchnorm"
+    return _COLUMNS.get(target, _COLUMNS["rmsnorm"])
+
+
 def markdown_table(report: dict) -> str:
     """The before/after table with the corpus, machine and command under it (for README, model card, report.md)."""
-    lines = ["| Metric | Before (LayerNorm) | After (RMSNorm) | Change |", "|---|---:|---:|---:|"]
+    before, after = _columns(report)
+    lines = [f"| Metric | {before} | {after} | Change |", "|---|---:|---:|---:|"]
     ppl = report.get("perplexity")
     if ppl:
         lines += _perplexity_rows(ppl)

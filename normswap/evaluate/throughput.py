@@ -222,6 +222,8 @@ def _summarise(samples: _Samples, settings: BenchSettings, generative: bool, mod
         memory[key] = {"peak_mb": mem.peak_mb, "delta_mb": mem.delta_mb} if mem else None
     return {
         "kind": "causal-lm" if generative else "encoder",
+        #: "images" for a CNN (one sample per image), else tokens: the unit the *_tokens_per_s figures count.
+        "unit": "images" if samples.tokens and all(n == 1 for n in samples.tokens.values()) else "tokens",
         "parameters": sum(p.numel() for p in model.parameters()),
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps if generative else None,
