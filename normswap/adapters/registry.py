@@ -57,8 +57,9 @@ def declared_adapter(model_type: str) -> Adapter | None:
 def discovered_adapter(config: Any, model_cls: type | None = None) -> Adapter:
     """The adapter discovery measures for ``model_cls`` built from ``config``; raises when there is nothing to swap.
 
-    No LayerNorm-like module at all (measured, whatever the classes are called) is AlreadyRMSNormError; LayerNorms
-    that exist but none of which can be swapped is UnsupportedArchitectureError naming each one and why.
+    No LayerNorm-like module at all (measured, whatever the classes are called) is AlreadyRMSNormError, its message
+    naming the norms the model does have; LayerNorms that exist but none of which can be swapped (including ones the
+    probe never ran) is UnsupportedArchitectureError naming them and why: never "nothing to convert" for those.
     """
     from normswap.discovery import DiscoveryError, discover_from_config
 
@@ -71,12 +72,13 @@ def discovered_adapter(config: Any, model_cls: type | None = None) -> Adapter:
             + _HOW_TO_ADD
         ) from exc
     if found.adapter is None:
+        if found.unrun_norms:
+            raise UnsupportedArchitectureError(unrun_message(model_type, found.unrun_norms))
         if found.rms_norms:
             raise AlreadyRMSNormError(
                 f"this {model_type} model already uses RMSNorm (measured: {len(found.rms_norms)} scale-only norm(s), "
                 f"e.g. {found.rms_norms[0]}, and no mean-subtracting one); there is nothing to convert")
-        raise AlreadyRMSNormError(f"this {model_type} model has no LayerNorm-like module (measured on a small "
-                                  "instance: nothing subtracts a mean); there is nothing to convert")
+        raise AlreadyRMSNormError(no_layernorm_message(model_type, found.other_norms))
     if not found.swapped:
         reasons = "; ".join(f"{name}: {why}" for name, why in list(found.kept.items())[:3])
         more = f" (and {len(found.kept) - 3} more)" if len(found.kept) > 3 else ""
@@ -84,6 +86,25 @@ def discovered_adapter(config: Any, model_cls: type | None = None) -> Adapter:
             f"this {model_type} model has {len(found.kept)} LayerNorm(s), but discovery found none that can be "
             f"swapped: {reasons}{more}")
     return found.adapter
+
+
+def unrun_message(model_type: str, names: list[str]) -> str:
+    """The refusal for LayerNorms the probe never ran: named (first few + count) with the reason."""
+    from normswap.discovery.norms import UNRUN_REASON
+
+    more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+    return (f"this {model_type} model has {len(names)} LayerNorm(s) that {UNRUN_REASON}: "
+            f"{', '.join(names[:3])}{more}")
+
+
+def no_layernorm_message(model_type: str, other: dict[str, int]) -> str:
+    """"No LayerNorm" that says which norms the model does have (BatchNorm/GroupNorm are not RMSNorm)."""
+    if not other:
+        return (f"this {model_type} model has no LayerNorm-like module (measured on a small instance: nothing "
+                "subtracts a mean); there is nothing to convert")
+    kinds = ", ".join(f"{k} (x{v})" for k, v in sorted(other.items(), key=lambda kv: -kv[1]))
+    hint = "; for BatchNorm try `--to none`" if any("BatchNorm" in k for k in other) else ""
+    return f"this {model_type} model has no LayerNorm: its norms are {kinds}{hint}; there is nothing to convert"
 
 
 def adapter_for_config(config: Any, model_cls: type | None = None) -> Adapter:

@@ -95,6 +95,8 @@ def discovery_info(found) -> dict:
         "raw_stream_outputs": found.raw_stream_outputs,
         "seconds": round(found.seconds, 3),
         "notes": found.notes,
+        "unrun_norms": found.unrun_norms,
+        "other_norms": found.other_norms,
     }
 
 
@@ -112,6 +114,11 @@ def run_discover(src: str, args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"could not read the config of {src}: {type(exc).__name__}: {exc}") from exc
     found = discover_from_config(config, model_class_for(config))
+    if found.adapter is None and found.unrun_norms:  # LayerNorms the probe never reached: never "nothing to convert"
+        from normswap.adapters.registry import unrun_message
+        from normswap.errors import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(unrun_message(found.model_type, found.unrun_norms))
     info = discovery_info(found)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -121,7 +128,10 @@ def run_discover(src: str, args: argparse.Namespace) -> int:
           f"{kinds['exact']} exact, {kinds['approximate']} approximate, {kinds['kept']} kept LayerNorm(s), "
           f"{len(found.rms_norms)} RMSNorm(s)")
     if found.adapter is None:
-        print("# no LayerNorm-like module (nothing subtracts a mean): nothing to convert")
+        from normswap.adapters.registry import no_layernorm_message
+
+        print("# " + (f"already RMSNorm ({len(found.rms_norms)} scale-only norm(s)): nothing to convert"
+                      if found.rms_norms else no_layernorm_message(found.model_type, found.other_norms)))
         return 0
     print(info["adapter"])
     for n in found.norms:

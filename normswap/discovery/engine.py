@@ -24,7 +24,7 @@ from torch import nn
 from normswap import maths
 from normswap.discovery import readers as _readers
 from normswap.discovery.capture import Trace, same, trace
-from normswap.discovery.norms import find_norms
+from normswap.discovery.norms import UNRUN_REASON, find_norms, other_norm_counts, unrun_layernorms
 from normswap.discovery.probing import optional_probes
 from normswap.discovery.result import Discovery, NormFinding
 from normswap.discovery.simulate import Fix, measure_fixes, norm_ratios
@@ -91,9 +91,11 @@ class _Engine:
         found = find_norms(self.model, ref, self.seed)
         ln = [f.name for f in found if f.kind == "layernorm"]
         rms = [f.name for f in found if f.kind == "rmsnorm"]
+        unrun = unrun_layernorms(self.model, ref, self.seed)
         t = self._tick("norms", t)
         if not ln:
-            return Discovery(model_type, None, [], rms, [], {}, [], time.perf_counter() - t0, self.timings)
+            return Discovery(model_type, None, [], rms, [], {}, [], time.perf_counter() - t0, self.timings,
+                             unrun_norms=unrun, other_norms=other_norm_counts(self.model))
         hidden = {f.hidden for f in found if f.kind == "layernorm"}
         # Norms that compute in float32 whatever their input leave rounding-sized traces of an invisible shift.
         self.tol = REDUCED_TOL if max(f.noise for f in found if f.kind == "layernorm") > 1e-12 else OUTPUT_TOL
@@ -129,6 +131,8 @@ class _Engine:
         else:
             sim = None
         findings = self._verify_outputs(findings, fixes)
+        # Never silently left: a LayerNorm the probe did not reach stays LayerNorm, and the report says why.
+        findings += [NormFinding(n, "kept", UNRUN_REASON) for n in unrun]
         stream_outputs = sorted({o for f in fixes for o in self._effect_of(f).raw_outputs})
         for f in findings:
             if f.status != "kept":
@@ -149,7 +153,8 @@ class _Engine:
             self.notes.append(f"roles outside the base model cannot be declared: {', '.join(unexpressed)}")
         del sim
         return Discovery(model_type, adapter, findings, rms, fixes, raw, stream_outputs,
-                         time.perf_counter() - t0, self.timings, self.notes, module_lists(self.model))
+                         time.perf_counter() - t0, self.timings, self.notes, module_lists(self.model),
+                         unrun_norms=unrun, other_norms=other_norm_counts(self.model))
 
     # --- writers ---------------------------------------------------------------------------------------------------
 

@@ -99,3 +99,69 @@ def find_norms(model: nn.Module, ref: Trace, seed: int = 0) -> list[FoundNorm]:
     innermost = [n for n in found if not any(o != n and o.startswith(n + ".") for o in names)]
     return sorted((found[n] for n in innermost), key=lambda f: ref.calls[f.name][0].start)
 
+
+
+#: Why a LayerNorm the probe pass never ran is kept (or, when no LayerNorm ran at all, why the model is refused):
+#: a composite's image/audio tower that the probe prompt does not reach would otherwise be silently skipped.
+UNRUN_REASON = ("never ran on the probe inputs, so their stream could not be measured; the model cannot be "
+                "converted exactly on a guess")
+
+_OTHER_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+                nn.LocalResponseNorm)
+
+
+def _norm_width(module: nn.Module) -> int | None:
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, int):
+        return shape
+    if isinstance(shape, (tuple, list, torch.Size)) and shape:
+        return int(shape[-1])
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 1 and weight.shape[-1] >= 4:
+        return int(weight.shape[-1])
+    return None
+
+
+def subtracts_mean(module: nn.Module, seed: int = 0) -> bool:
+    """Whether a module that never ran computes a mean-subtracting norm, tested directly on a random input of its
+    normalised width (``f(x + c·1) == f(x)``). ``nn.LayerNorm`` always does; a class named ``...LayerNorm`` whose
+    behaviour cannot be tested (no known width, a forward that needs more arguments) counts as one: refusing is
+    better than a silent "nothing to convert"."""
+    if isinstance(module, nn.LayerNorm):
+        return True
+    name = type(module).__name__
+    if not name.endswith("LayerNorm") or "rms" in name.lower():
+        return False
+    width = _norm_width(module)
+    if width is None:
+        return True
+    param = next(module.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float64
+    gen = torch.Generator().manual_seed(seed)
+    x = (10.0 * torch.randn(2, 3, width, generator=gen, dtype=torch.float64)).to(dtype)
+    shift = (5.0 * torch.randn(2, 3, 1, generator=gen, dtype=torch.float64)).to(dtype)
+    try:
+        with torch.no_grad():
+            base, shifted = first_tensor(module(x)), first_tensor(module(x + shift))
+    except Exception:  # noqa: BLE001 - untestable on its own: named a LayerNorm, so not assumed harmless
+        return True
+    if base is None or shifted is None or base.shape != x.shape:
+        return True
+    return same(shifted, base, SHIFT_TOL)
+
+
+def unrun_layernorms(model: nn.Module, ref: Trace, seed: int = 0) -> list[str]:
+    """The mean-subtracting norms the probe pass never ran (innermost), in module order."""
+    names = [name for name, m in model.named_modules()
+             if name and not ref.calls.get(name) and subtracts_mean(m, seed)]
+    return [n for n in names if not any(o != n and o.startswith(n + ".") for o in names)]
+
+
+def other_norm_counts(model: nn.Module) -> dict[str, int]:
+    """Batch/group/instance norms by class name (``{"BatchNorm2d": 53}``): what a model without LayerNorm has."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        name = type(m).__name__
+        if isinstance(m, _OTHER_NORMS) or any(k in name for k in ("BatchNorm", "GroupNorm", "InstanceNorm")):
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -35,6 +35,11 @@ class Discovery:
     #: Length of every ModuleList of the instance (full names): a model whose stage lists differ in length cannot
     #: take a template measured per stage (see :func:`normswap.adapters.registry.adapter_for`).
     list_lengths: dict[str, int] = field(default_factory=dict)
+    #: Mean-subtracting norms the probe pass never ran (a composite's tower the probe prompt does not reach): they
+    #: are kept with :data:`normswap.discovery.norms.UNRUN_REASON`, and refuse the model when no LayerNorm ran.
+    unrun_norms: list[str] = field(default_factory=list)
+    #: Batch/group/instance norms by class name, so "no LayerNorm" can say what norms the model does have.
+    other_norms: dict[str, int] = field(default_factory=dict)
 
     @property
     def kept(self) -> dict[str, str]:
