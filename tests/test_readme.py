@@ -13,7 +13,8 @@ What the test changes, and only this:
   not run, and the test reports it with a warning. Everything else must run offline.
 * ``NORMSWAP_README_FAST`` (default ``1``) shortens the slow commands without skipping them: ``normswap convert``
   measures perplexity on 256 tokens and throughput once at batch 1, ``normswap bench`` times one short run,
-  ``normswap eval`` reads 256 tokens, ``normswap finetune`` trains 2 small steps. ``NORMSWAP_README_FAST=0`` runs
+  ``normswap eval`` reads 256 tokens, ``normswap finetune`` trains 2 small steps
+  (a progressive LayerNorm removal takes every norm away at step 0). ``NORMSWAP_README_FAST=0`` runs
   every command exactly as written (minutes: the MiniLM healing alone is ~3 min on 2 cores). A block with a line
   marked ``# slow`` carries the ``slow`` pytest marker.
 """
@@ -41,7 +42,8 @@ FAST_FLAGS: dict[str, list[str]] = {
                 "--bench-batch-sizes", "1", "--bench-repeats", "1", "--bench-warmup", "0"],
     "eval": ["--limit", "256", "--samples", "16"],
     "bench": ["--prompt-len", "16", "--new-tokens", "4", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0"],
-    "finetune": ["--set", "steps=2", "--set", "batch_size=4", "--set", "gradient_accumulation=1",
+    "finetune": ["--set", "steps=2", "--set", "removal.start_step=0", "--set", "removal.gap_steps=0",
+                 "--set", "removal.ramp_steps=1", "--set", "batch_size=4", "--set", "gradient_accumulation=1",
                  "--set", "schedule.warmup_steps=0", "--set", "data.eval_examples=8", "--set", "data.seq_len=32",
                  "--no-progress"],
 }
