@@ -95,6 +95,7 @@ def _compile() -> ModuleType:
     if aten_cap != "DEFAULT":
         cflags.append(f"-DCPU_CAPABILITY_{aten_cap}")
     name = extension_name()
+    _wait_for_lock(name)
     fresh = not _cached(name)
     if fresh:
         logger.warning("building the fused RMSNorm kernel (once; ~10-20 s, cached for later runs)")
@@ -111,6 +112,39 @@ def _compile() -> ModuleType:
     if fresh:
         logger.info("fused RMSNorm kernel built in %.1f s", time.perf_counter() - start)
     return module
+
+
+#: A build lock older than this is a killed build's leftover (a build takes 10-20 s, ~5 min on a loaded machine).
+STALE_LOCK_S = 600.0
+
+
+def _wait_for_lock(name: str, stale_after: float = STALE_LOCK_S, poll: float = 0.5) -> None:
+    """Wait for another process's build, but never forever: torch's lock has no owner, so a killed build leaves it.
+
+    torch.utils.cpp_extension waits for as long as the ``lock`` file exists; one build killed mid-way would hang
+    every later normswap run silently. A lock younger than ``stale_after`` is waited on (saying so once); an older
+    one is removed with a warning, and the build goes ahead.
+    """
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    except Exception:  # noqa: BLE001 - a private helper that changed: leave locking to torch
+        return
+    announced = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_after:
+            logger.warning("removing a stale kernel build lock left by a killed build (%s, %.0f s old)", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        if not announced:
+            logger.warning("waiting for another process's build of the fused RMSNorm kernel (%s)", lock)
+            announced = True
+        time.sleep(poll)
 
 
 def _cached(name: str) -> bool:
