@@ -176,8 +176,10 @@ def write_markdown(data: dict, path: Path) -> None:
         "the meta device, not measured, so not in the percentages above): " + (", ".join(unmeasured) or "none") + ".",
         "",
         "Results: `exact` (verified), `approximate` (post-LN or a partly inexact model: `convert_(approximate=True)`, "
-        "damage in the row), `refused` (the reason names what blocks it), `nothing-to-convert` (no LayerNorm-like "
-        "norm: correct for RMSNorm/BatchNorm-only models, a *silent answer* otherwise), `exact-failed-verification` "
+        "damage in the row), `refused` (the reason names what blocks it; a composite whose LayerNorm tower the probe "
+        "inputs never run is refused naming those modules, since their stream cannot be measured), "
+        "`nothing-to-convert` (no LayerNorm-like norm: correct for RMSNorm-only models, and BatchNorm/GroupNorm-only "
+        "ones whose reason lists their norms; a *silent answer* otherwise), `exact-failed-verification` "
         "(a conversion bug caught by verification), `error` (a crash inside normswap), `probe-failed`/`not-built` "
         "(the small instance could not be run/built offline), `timeout`.",
         "",
