@@ -61,13 +61,59 @@ class Source:
     local_dir: Path | None
 
 
-def model_class_for(config) -> type:
-    """The stock class named in ``config.architectures`` (falls back to AutoModel)."""
+#: Task heads tried, in order, when a config names no ``architectures`` (the bare base model comes last).
+_HEAD_AUTOS = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM",
+               "AutoModelForImageClassification", "AutoModelForSequenceClassification", "AutoModel")
+
+
+def model_class_for(config, keys: set[str] | None = None) -> type:
+    """The stock class named in ``config.architectures``; without one, the class that uses every checkpoint tensor.
+
+    A config saved without ``architectures`` would otherwise load as the bare base model and silently drop the head
+    (GPT-NeoX's ``embed_out.weight``). With the checkpoint's ``keys``, each task head the config type has is built
+    on the meta device and asked (transformers' own key renaming) which file keys it loads; the first that loads
+    them all wins. If none does, the conversion is refused naming the tensors it would lose.
+    """
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    return transformers.AutoModel
+    if not keys:
+        return transformers.AutoModel
+    from normswap.streaming.plan import loaded_names
+
+    best: tuple[int, type, set[str]] | None = None
+    for auto_name in _HEAD_AUTOS:
+        mapping = getattr(transformers, auto_name)._model_mapping
+        if type(config) not in mapping:
+            continue
+        cls = mapping[type(config)]
+        with torch.device("meta"):
+            model = cls._from_config(config)
+        unused = set(keys) - set(loaded_names(model, set(keys)).values())
+        if not unused:
+            return cls
+        if best is None or len(unused) < best[0]:
+            best = (len(unused), cls, unused)
+    if best is None:
+        return transformers.AutoModel
+    lost = sorted(best[2])
+    raise CheckpointError(
+        f"config.json names no `architectures`, and no {type(config).__name__} class loads every tensor of the "
+        f"checkpoint: {len(lost)} would be lost ({', '.join(lost[:4])}{', ...' if len(lost) > 4 else ''}). Add "
+        '"architectures": ["<the class that saved it>"] to config.json'
+    )
+
+
+def checkpoint_keys(folder: str | os.PathLike) -> set[str]:
+    """Tensor names of a local safetensors checkpoint (headers only; empty for other formats or Hub ids)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        with safe_open(str(path), "pt") as f:
+            keys.update(f.keys())
+    return keys
 
 
 def _wrap_load_error(src: str, exc: Exception) -> CheckpointError:
@@ -94,7 +140,11 @@ def load_source(
         config = transformers.AutoConfig.from_pretrained(src, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one readable message
         raise _wrap_load_error(src, exc) from exc
-    cls = model_class_for(config)
+    try:
+        keys = checkpoint_keys(src) if not getattr(config, "architectures", None) else None
+    except Exception as exc:  # noqa: BLE001 - an unreadable header is the corrupt-checkpoint message
+        raise _wrap_load_error(src, exc) from exc
+    cls = model_class_for(config, keys)
     try:
         model = cls.from_pretrained(src, dtype=parse_dtype(dtype), **kwargs)
     except Exception as exc:  # noqa: BLE001

@@ -274,25 +274,46 @@ def test_streaming_refuses_nan_in_a_tensor_it_only_copies(tmp_path):
 
 
 def test_streaming_a_head_checkpoint_whose_config_has_no_architectures(tmp_path):
-    """transformers strips ``gpt_neox.`` when the bare base class loads a head checkpoint; streaming does too."""
+    """No ``architectures``: the class that loads every tensor is inferred (the head is kept, never dropped), and
+    streaming and the in-memory path agree tensor for tensor."""
     model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                                  num_attention_heads=2, intermediate_size=64))
     model.save_pretrained(tmp_path / "src")
     config = json.loads((tmp_path / "src" / "config.json").read_text())
     del config["architectures"]
     (tmp_path / "src" / "config.json").write_text(json.dumps(config))
-    assert "gpt_neox.embed_in.weight" in _read(tmp_path / "src")
-    streamed = convert_streaming(tmp_path / "src", tmp_path / "streamed", verify="none", progress=False)
+    source = _read(tmp_path / "src")
+    assert "gpt_neox.embed_in.weight" in source and "embed_out.weight" in source
+    streamed = convert_streaming(tmp_path / "src", tmp_path / "streamed", verify="full", progress=False)
+    assert streamed.report.passed
+    assert json.loads((streamed.path / "config.json").read_text())["architectures"] == ["GPTNeoXForCausalLM"]
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
-        ref = model.gpt_neox(input_ids=ids).last_hidden_state
-        got = normswap.load(streamed.path)(input_ids=ids).last_hidden_state
+        ref = model(input_ids=ids).logits
+        got = normswap.load(streamed.path)(input_ids=ids).logits
     assert rel(got, ref) <= TOL
     memory = _in_memory(tmp_path / "src", tmp_path / "memory")
     a, b = _read(memory), _read(streamed.path)
-    assert set(a) == set(b) and "embed_in.weight" in b and "embed_out.weight" not in b
+    assert set(a) == set(b) == set(source)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_a_config_without_architectures_whose_tensors_no_class_loads_is_refused(tmp_path):
+    """Rather than silently dropping tensors, name them."""
+    model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=64))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["stray.extra_head.weight"] = torch.ones(3, 32)
+    model.save_pretrained(tmp_path / "src", state_dict=state)
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="stray.extra_head.weight"):
+        normswap.load_source(tmp_path / "src")
+    with pytest.raises(CheckpointError, match="stray.extra_head.weight"):
+        convert_streaming(tmp_path / "src", tmp_path / "streamed", progress=False)
+    assert not (tmp_path / "streamed").exists()
 
 
 def test_conv_layout_centres_any_convnd_along_its_output_channels():

@@ -135,10 +135,14 @@ def build_report(plan: StreamPlan) -> ConversionReport:
     )
 
 
-def output_config(folder: Path, plan: StreamPlan, metadata: dict, out_dtype: torch.dtype | None) -> dict:
+def output_config(folder: Path, plan: StreamPlan, metadata: dict, out_dtype: torch.dtype | None,
+                  model_cls: type | None = None) -> dict:
     """The source config.json with the conversion recorded, the head untied and the dtype updated (as JSON, so every
-    other field stays exactly as the source wrote it)."""
+    other field stays exactly as the source wrote it). A config without ``architectures`` gets the class the
+    conversion inferred from the tensors, as ``save_pretrained`` of the in-memory path writes it."""
     config = json.loads((folder / "config.json").read_text())
+    if not config.get("architectures") and model_cls is not None and not model_cls.__name__.startswith("Auto"):
+        config["architectures"] = [model_cls.__name__]
     if plan.untie_config:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):
@@ -220,9 +224,9 @@ def convert_streaming(
     config = load_config(folder)
     if isinstance(getattr(config, "normswap", None), dict):
         raise AlreadyRMSNormError(f"{folder} is already a normswap output (its config.json has 'normswap' metadata)")
-    model_cls = model_class_for(config)
-    adapter = adapter_for_config(config, model_cls)  # declared, else discovered on a small instance
     source = open_checkpoint(folder)
+    model_cls = model_class_for(config, set(source.tensors.keys()))  # no `architectures`: the class using them all
+    adapter = adapter_for_config(config, model_cls)  # declared, else discovered on a small instance
     plan = plan_streaming(config, model_cls, adapter, source.tensors.keys())
     if plan.approximate_norms:
         reasons = "; ".join(plan.not_exact_reasons) or "some norms read a stream that is not a sum of centred writers"
@@ -266,7 +270,7 @@ def convert_streaming(
         stats.seconds = time.perf_counter() - started
         stats.peak_rss_bytes = peak_rss()
         write_index(tmp, shards)
-        config_json = output_config(folder, plan, metadata(), out_dtype)
+        config_json = output_config(folder, plan, metadata(), out_dtype, model_cls)
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         for name in EXTRA_FILES:
             if (folder / name).is_file():

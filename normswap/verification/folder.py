@@ -220,7 +220,7 @@ def verify_folder(converted: str | os.PathLike, original: str | os.PathLike, *, 
     Raises :class:`NormswapError` for input that cannot be verified (missing folder, not a normswap output,
     different architectures, an original that is not finite in float64); returns the result otherwise.
     """
-    from normswap.checkpoint import model_class_for
+    from normswap.checkpoint import checkpoint_keys, model_class_for
     from normswap.publish import load_output_config
     from normswap.surgery import swap_named_norms_
 
@@ -231,9 +231,10 @@ def verify_folder(converted: str | os.PathLike, original: str | os.PathLike, *, 
         out_config = load_output_config(str(converted))
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"could not read the configs: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
-    adapter = adapter_for_config(src_config, model_class_for(src_config))  # declared, else discovered
-    src_model = skeleton(src_config, model_class_for(src_config))
-    out_model = skeleton(out_config, model_class_for(out_config))
+    src_cls = model_class_for(src_config, checkpoint_keys(original))  # no `architectures`: the class using them all
+    adapter = adapter_for_config(src_config, src_cls)  # declared, else discovered
+    src_model = skeleton(src_config, src_cls)
+    out_model = skeleton(out_config, model_class_for(out_config, checkpoint_keys(converted)))
     try:
         swap_named_norms_(out_model, meta["swapped_norms"], meta.get("recentered_norms", ()))
     except Exception as exc:  # noqa: BLE001 - metadata naming modules this model does not have
