@@ -83,6 +83,7 @@ def model_class_for(config, keys: set[str] | None = None) -> type:
     from normswap.streaming.plan import loaded_names
 
     best: tuple[int, type, set[str]] | None = None
+    complete: list[tuple[int, type]] = []  # (parameters the file lacks, class) of each class that uses every key
     for auto_name in _HEAD_AUTOS:
         mapping = getattr(transformers, auto_name)._model_mapping
         if type(config) not in mapping:
@@ -90,11 +91,15 @@ def model_class_for(config, keys: set[str] | None = None) -> type:
         cls = mapping[type(config)]
         with torch.device("meta"):
             model = cls._from_config(config)
-        unused = set(keys) - set(loaded_names(model, set(keys)).values())
-        if not unused:
-            return cls
+        loaded = loaded_names(model, set(keys))
+        unused = set(keys) - set(loaded.values())
+        if not unused:  # a head the file does not hold would be initialised at random: prefer the fewest missing
+            complete.append((sum(n not in loaded for n, _ in model.named_parameters()), cls))
+            continue
         if best is None or len(unused) < best[0]:
             best = (len(unused), cls, unused)
+    if complete:
+        return min(complete, key=lambda c: c[0])[1]
     if best is None:
         return transformers.AutoModel
     lost = sorted(best[2])
