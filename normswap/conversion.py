@@ -31,8 +31,23 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
+class VerifiedReport:
+    """What every conversion report (LayerNorm swap, BatchNorm fold) shares: a dataclass with a ``verification``."""
+
+    verification: VerificationResult | None
+
+    @property
+    def passed(self) -> bool:
+        return self.verification is None or self.verification.passed
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["verification"] = self.verification.to_dict() if self.verification else None
+        return d
+
+
 @dataclass
-class ConversionReport:
+class ConversionReport(VerifiedReport):
     """What ``convert_`` did and how well the result matches the original; also saved in the config."""
 
     model_type: str
@@ -53,15 +68,6 @@ class ConversionReport:
     verification: VerificationResult | None = None
     notes: list[str] = field(default_factory=list)
     normswap_version: str = __version__
-
-    @property
-    def passed(self) -> bool:
-        return self.verification is None or self.verification.passed
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["verification"] = self.verification.to_dict() if self.verification else None
-        return d
 
     def metadata(self, source_id: str | None = None, revision: str | None = None, dtype: str | None = None) -> dict:
         """The ``normswap`` block stored in config.json: enough for ``normswap.load`` and for a reader of the card."""

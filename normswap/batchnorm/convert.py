@@ -17,6 +17,7 @@ from torch import nn
 from normswap._version import __version__
 from normswap.batchnorm.discover import Discovery, FoldPair, batchnorm_modules, discover, output_tensors
 from normswap.batchnorm.fold import fold_into_stored_form_
+from normswap.conversion import VerifiedReport
 from normswap.errors import NormswapError
 from normswap.surgery import check_finite
 from normswap.verify import (
@@ -46,7 +47,7 @@ class BatchStatisticsError(NormswapError):
 
 
 @dataclass
-class BatchNormReport:
+class BatchNormReport(VerifiedReport):
     """What ``fold_batchnorms_`` folded, what it kept and why, and how well the result matches the original."""
 
     model_type: str
@@ -67,15 +68,6 @@ class BatchNormReport:
     @property
     def folds(self) -> dict:
         return {"batchnorm_folded": len(self.folded), "batchnorm_kept": len(self.kept)}
-
-    @property
-    def passed(self) -> bool:
-        return self.verification is None or self.verification.passed
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["verification"] = self.verification.to_dict() if self.verification else None
-        return d
 
     def metadata(self, source_id: str | None = None, revision: str | None = None, dtype: str | None = None) -> dict:
         """The config's ``normswap`` block: ``batchnorm_folded`` drives ``normswap.load`` and the remote code."""
