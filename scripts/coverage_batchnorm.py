@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normswap.batchnorm import NothingToFoldError, fold_batchnorms_
+from normswap.batchnorm.perturb import perturb_batchnorms_
 
 TOLERANCE = 1e-5
 #: The fallback builds the default config: only when it is small enough for this machine's memory.
@@ -100,23 +101,6 @@ def model_class(config) -> type | None:
     from normswap.discovery.instance import default_model_class
 
     return default_model_class(config)
-
-
-def perturb_batchnorms_(model: nn.Module, seed: int = 0) -> int:
-    """Running statistics and affine parameters far from identity (a random init has mean 0, var 1, γ 1, β 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.running_mean is not None:
-                n = m.num_features
-                m.running_mean.copy_(0.3 * torch.randn(n, generator=gen) + 0.1)
-                m.running_var.copy_(0.3 + 1.5 * torch.rand(n, generator=gen))
-                if m.weight is not None:
-                    m.weight.copy_(1 + 0.3 * torch.randn(n, generator=gen))
-                    m.bias.copy_(0.1 + 0.2 * torch.randn(n, generator=gen))
-                count += 1
-    return count
 
 
 def default_sized(config):

@@ -19,21 +19,16 @@ from normswap.batchnorm import (
     fold_batchnorms_,
     fold_saved_batchnorms_,
 )
+from normswap.batchnorm.perturb import perturb_batchnorms_
 
 
 def perturb_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Running statistics and affine parameters far from identity, and nonzero-mean weights everywhere else."""
-    gen = torch.Generator().manual_seed(seed)
+    perturb_batchnorms_(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.running_mean is not None:
-                n = m.num_features
-                m.running_mean.copy_(0.3 * torch.randn(n, generator=gen) + 0.1)
-                m.running_var.copy_(0.3 + 1.5 * torch.rand(n, generator=gen))
-                if m.weight is not None:
-                    m.weight.copy_(1 + 0.3 * torch.randn(n, generator=gen))
-                    m.bias.copy_(0.1 + 0.2 * torch.randn(n, generator=gen))
-            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.weight.add_(0.02 * torch.randn(m.weight.shape, generator=gen) + 0.01)
     return model.eval()
 
