@@ -10,11 +10,9 @@ RNG states, step counter) are written atomically into a work folder, and since e
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +23,7 @@ from torch import nn
 
 from normswap.errors import NormswapError
 from normswap.norm import RMSNorm
+from normswap.training.checkpoints import ResumeError, list_checkpoints, load_checkpoint, save_checkpoint
 from normswap.training.data import BatchPlan, build_examples, eval_batches, max_sequence_length, micro_batch
 from normswap.training.keep_centered import CenteredWriters, keep_centered_
 from normswap.training.losses import distillation_loss
@@ -34,13 +33,9 @@ from normswap.training.removal_schedule import make_schedule, removal_summary, r
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
-COMPLETE_MARKER = "COMPLETE"
 
-
-class ResumeError(NormswapError):
-    """No usable checkpoint, or the checkpoint belongs to a different recipe."""
+__all__ = ["FinetuneResult", "IncompatibleModelsError", "ResumeError", "check_compatible", "check_same_tokenizer",
+           "finetune", "list_checkpoints"]
 
 
 class IncompatibleModelsError(NormswapError):
@@ -218,61 +213,6 @@ def _oom_hint(recipe: Recipe) -> str:
     return (f"ran out of memory at batch_size={b}, data.seq_len={recipe.data.seq_len}: lower batch_size (e.g. "
             f"--set batch_size={half} --set gradient_accumulation={a * b // half} keeps the effective batch of "
             f"{a * b}), or lower data.seq_len, or use precision: bf16")
-
-
-# --- checkpoints ------------------------------------------------------------------------------------------------
-
-def list_checkpoints(work_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder without the COMPLETE marker was cut off mid-write)."""
-    if not work_dir.is_dir():
-        return []
-    found = [p for p in work_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-
-
-def save_checkpoint(accelerator, work_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Write model/optimizer/scheduler/RNG + trainer state into a temp folder, then rename it into place."""
-    final = work_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp = work_dir / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=False)  # torch.save: tied/shared tensors are fine
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        (tmp / COMPLETE_MARKER).write_text("")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in list_checkpoints(work_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator, work_dir: Path, recipe: Recipe) -> dict:
-    found = list_checkpoints(work_dir)
-    if not found:
-        raise ResumeError(f"--resume: no complete checkpoint in {work_dir}; start without --resume")
-    latest = found[-1]
-    state = json.loads((latest / STATE_FILE).read_text())
-    if state.get("recipe_fingerprint") != recipe.fingerprint():
-        old = state.get("recipe", {})
-        changed = _changed_keys(old, recipe.to_dict())
-        raise ResumeError(f"--resume: {latest} was made with a different recipe (changed: {', '.join(changed) or '?'}); "
-                          "resume with the same recipe, or start over with --force")
-    accelerator.load_state(str(latest))
-    return state
-
-
-def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _changed_keys(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            out.append(prefix + k)
-    return out
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------
