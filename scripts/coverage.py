@@ -157,11 +157,14 @@ def _runnable_probes(model, probes: dict, row: dict) -> dict:
     try:
         run(probes)
         return probes
-    except Exception:
+    except Exception as exc:
         text = {k: v for k, v in probes.items() if k not in _IMAGE_KEYS}
         if "input_ids" not in text or len(text) == len(probes):
             raise
-        run(text)
+        try:
+            run(text)
+        except Exception:  # noqa: BLE001 - the full prompt's error is the one that says what is wrong
+            raise exc from None
         row.setdefault("notes", []).append("the image prompt failed; probed with text only")
         return text
 

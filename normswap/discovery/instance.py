@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from normswap.discovery.probes import IMAGE, PATCH, VOCAB, _is_int, _special_ids, probe_inputs
+from normswap.discovery.taps import backbone_taps, follow_widths, retap, stages_to_keep
 
 __all__ = ["IMAGE", "PATCH", "VOCAB", "default_model_class", "perturb_", "probe_inputs", "tiny_config",
            "tiny_instance"]
@@ -74,12 +75,12 @@ def _pick_layers(values: list, n: int) -> list:
     return [values[i] for i in sorted(picked)]
 
 
-def _shrink_stages(d: dict) -> None:
-    """Hierarchical backbones (Swin, PVT, SegFormer, ConvNeXt): two stages, one block each, small widths."""
+def _shrink_stages(d: dict, keep: int = 2) -> None:
+    """Hierarchical backbones (Swin, PVT, SegFormer, ConvNeXt): two stages (or one per tap), one block each."""
     depths = d.get("depths")
     if not (isinstance(depths, list) and depths and all(_is_int(x) for x in depths)):
         return
-    n_old, n_new = len(depths), min(len(depths), 2)
+    n_old, n_new = len(depths), min(len(depths), keep)
     for k, v in list(d.items()):
         if isinstance(v, list) and len(v) == n_old and k != "depths" and k not in ("out_features", "out_indices"):
             d[k] = v[:n_new]
@@ -102,9 +103,11 @@ def _shrink_stages(d: dict) -> None:
 def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
     """Shrink one (flat) config dict in place; nested sub-config dicts are handled by the caller."""
     layer_olds = {d[k] for k in _LAYER_KEYS if _is_int(d.get(k)) and d[k] > 0}
+    taps = backbone_taps(d)
+    keep = stages_to_keep(d, taps, LAYERS)
     for k in _LAYER_KEYS:
-        if _is_int(d.get(k)) and d[k] > LAYERS:
-            d[k] = LAYERS
+        if _is_int(d.get(k)) and d[k] > keep:
+            d[k] = keep
     # Per-layer lists (layer_types, attention_layers, block patterns): one entry per kept layer.
     for k, v in list(d.items()):
         if isinstance(v, list) and len(v) in layer_olds and len(v) > LAYERS and k != "depths" \
@@ -114,12 +117,11 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
         kinds = sorted({kind for group in d["attention_types"] for kind in group[0]})
         d["attention_types"] = [[kinds, 1]] if len(kinds) == LAYERS else [[kinds, LAYERS // max(len(kinds), 1)]]
         d.pop("attention_layers", None)
-    if layer_olds or isinstance(d.get("depths"), list):  # backbone stage selections name the old layers
-        for k in ("out_features", "out_indices", "stage_names"):
-            d.pop(k, None)
     stages = isinstance(d.get("depths"), list)
+    if layer_olds or stages:  # backbone stage selections name the old layers: renumbered onto the kept ones
+        retap(d, taps, min(keep, len(d["depths"])) if stages else min(keep, max(layer_olds)))
     if stages:
-        _shrink_stages(d)
+        _shrink_stages(d, keep)
 
     heads_old = next((d[k] for k in _HEAD_KEYS if _is_int(d.get(k)) and d[k] > 0), None)
     for k in _HEAD_KEYS:
@@ -152,9 +154,12 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
                 d[k] = HIDDEN
         if hidden_old is not None:  # other widths tied to the hidden size (projection_size, text_hidden_size ...)
             for k, v in list(d.items()):
-                if v == hidden_old and _is_int(v) and isinstance(k, str) and ("size" in k or "dim" in k) \
+                if isinstance(k, str) and ("size" in k or "dim" in k or "channels" in k) \
                         and not any(w in k for w in ("vocab", "position", "image", "patch", "max_", "seq")):
-                    d[k] = HIDDEN
+                    if v == hidden_old and _is_int(v) and "channels" not in k:
+                        d[k] = HIDDEN
+                    elif isinstance(v, list) and v and all(x == hidden_old and _is_int(x) for x in v):
+                        d[k] = [HIDDEN] * len(v)  # one width per level, all the model width (decoder_in_channels)
     for k in _FFN_KEYS:
         if _is_int(d.get(k)) and d[k] > INTERMEDIATE:
             d[k] = INTERMEDIATE
@@ -171,7 +176,7 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
         if _is_int(d.get(k)) and d[k] > 1:
             d[k] = 1
     for k, cap in (("max_source_positions", 64), ("num_conv_pos_embeddings", 16), ("num_mel_bins", 16),
-                   ("max_length", 64)):
+                   ("max_length", 64), ("num_queries", 8)):  # DETR queries: top-k of the small image's tokens
         if _is_int(d.get(k)) and d[k] > cap:
             d[k] = cap
     for k in ("conv_dim", "tdnn_dim"):  # audio feature extractors: narrow convs, same kernels and strides
@@ -206,6 +211,10 @@ def _shrink_vocab(d: dict, remap: dict[int, int]) -> None:
                 x = remap[x]
             new.append(x)
         d[k] = new if isinstance(v, list) else new[0]
+    for k in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        # a VLM whose default config leaves its image (or video) placeholder id unset
+        if k in d and d[k] is None and any(_is_config_dict(v) and "vision" in str(n) for n, v in d.items()):
+            d[k] = remap.setdefault(-1, VOCAB - 1 - len(remap))
     for k in _VOCAB_KEYS:
         if _is_int(d.get(k)) and d[k] > VOCAB:
             d[k] = VOCAB
@@ -269,7 +278,9 @@ def _shrink_tree(d: dict, remap: dict[int, int], level: int) -> None:
     _shrink_one(d, remap, level)
     for v in d.values():
         if _is_config_dict(v):
+            old = copy.deepcopy(v)
             _shrink_tree(v, remap, level)
+            follow_widths(d, old, v)
 
 
 def tiny_config(config, *, level: int = 2):

@@ -14,6 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from normswap.discovery.probe_args import (
+    alternatives,
+    first_runnable,
+    forward_params,
+    grid_patches,
+    named_probes,
+    num_frames,
+    required_params,
+)
+
 #: Sizes shared with normswap.discovery.instance (the small instance is built to these).
 VOCAB = 256
 IMAGE = 32
@@ -85,7 +95,7 @@ def _image_size(config) -> tuple[int, int, int]:
 
 
 def _image_token_id(config) -> int | None:
-    for k in ("image_token_id", "image_token_index"):
+    for k in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
         v = getattr(config, k, None)
         if _is_int(v):
             return v
@@ -94,7 +104,7 @@ def _image_token_id(config) -> int | None:
 
 def _count_image_tokens(model: nn.Module, pixel_values: torch.Tensor, extra: dict | None = None) -> int | None:
     """How many image-token positions the language model expects for these pixels (from the vision features)."""
-    get = getattr(model, "get_image_features", None)
+    get = getattr(model, "get_image_features", None) or getattr(model, "get_video_features", None)
     if get is None:
         return None
     try:
@@ -153,33 +163,43 @@ def probe_inputs(model: nn.Module, config=None, *, batch: int = 2, seq_len: int 
             probes["input_values"] = torch.randn(batch, ac.audio_channels, 4000, generator=gen, dtype=dtype)
         else:  # raw samples (wav2vec2, HuBERT): 4000 samples = 12 frames after a 320x conv stem
             probes["input_values"] = torch.randn(batch, 4000, generator=gen, dtype=dtype)
-    if main == "pixel_values" or "pixel_values" in params:
+    grid_key = next((k for k in ("image_grid_thw", "grid_thw") if k in params), None)
+    pixel_key = next((k for k in ("pixel_values", "pixel_values_videos") if k in params),
+                     "hidden_states" if grid_key == "grid_thw" and "hidden_states" in params else None)
+    if main in ("pixel_values", "pixel_values_videos") and main not in params:
+        pixel_key = main
+    if pixel_key is not None:
         c, h, w = _image_size(config)
-        vc = _sub(config, "vision_config")
-        if "image_grid_thw" in params:  # Qwen2-VL style: flattened patches of every image + each image's (t, h, w)
-            patch, tp = int(getattr(vc, "patch_size", 14)), int(getattr(vc, "temporal_patch_size", 2) or 1)
-            cin = int(getattr(vc, "in_channels", None) or getattr(vc, "num_channels", None) or 3)
-            merge = int(getattr(vc, "spatial_merge_size", 2) or 1)
-            g = 2 * merge
-            probes["pixel_values"] = torch.randn(batch * g * g, cin * tp * patch * patch, generator=gen, dtype=dtype)
-            probes["image_grid_thw"] = torch.tensor([[1, g, g]] * batch)
+        frames = num_frames(config)
+        if grid_key is not None:  # Qwen2-VL style: flattened patches of every image + each image's (t, h, w)
+            probes[pixel_key], probes[grid_key] = grid_patches(config, batch, gen, dtype)
+            if "merge_sizes" in params:
+                merge = int(getattr(_sub(config, "vision_config"), "spatial_merge_size", 2) or 1)
+                probes["merge_sizes"] = torch.full((batch,), merge, dtype=torch.long)
         elif "spatial_shapes" in params:  # NaFlex (SigLIP2): pre-patchified pixels with a mask and a grid shape
             patch = getattr(_sub(config, "vision_config"), "patch_size", PATCH)
             gh, gw = h // patch, w // patch
-            probes["pixel_values"] = torch.randn(batch, gh * gw, c * patch * patch, generator=gen, dtype=dtype)
+            probes[pixel_key] = torch.randn(batch, gh * gw, c * patch * patch, generator=gen, dtype=dtype)
             probes["pixel_attention_mask"] = torch.ones(batch, gh * gw, dtype=torch.long)
             probes["spatial_shapes"] = torch.tensor([[gh, gw]] * batch)
+        elif frames is not None and (pixel_key == "pixel_values_videos" or _image_token_id(config) is None):
+            probes[pixel_key] = torch.randn(batch, frames, c, h, w, generator=gen, dtype=dtype)  # a video clip
         else:
-            probes["pixel_values"] = torch.randn(batch, c, h, w, generator=gen, dtype=dtype)
-    if main == "input_ids" or "input_ids" in params:
+            probes[pixel_key] = torch.randn(batch, c, h, w, generator=gen, dtype=dtype)
+    named = {n for n, p in forward_params(model).items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if "input_ids" in params or (main == "input_ids" and not named - {"self"}):
         ids = _text_ids(config, batch, seq_len, gen)
         image_token = _image_token_id(config)
         if image_token is not None and "pixel_values" in probes:
             extra = {k: probes[k] for k in ("image_grid_thw",) if k in probes}
             n = _count_image_tokens(model, probes["pixel_values"], extra)
+            if not n and probes["pixel_values"].dim() == 4:  # one image (or frame) per sample: [batch, 1, C, H, W]
+                n = _count_image_tokens(model, probes["pixel_values"][:, None], extra)
+                if n:
+                    probes["pixel_values"] = probes["pixel_values"][:, None]
             if n:
                 ids = torch.cat([ids[:, :2], torch.full((batch, n), image_token), ids[:, 2:]], dim=1)
-            else:
+            elif "pixel_values" not in required_params(model):
                 for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes", "image_grid_thw"):
                     probes.pop(k, None)
         probes["input_ids"] = ids
@@ -192,4 +212,6 @@ def probe_inputs(model: nn.Module, config=None, *, batch: int = 2, seq_len: int 
         patch = getattr(config, "patch_size", PATCH)
         patch = patch[0] if isinstance(patch, (list, tuple)) else patch
         probes["noise"] = torch.rand(batch, (h // patch) * (w // patch), generator=gen, dtype=dtype)
-    return probes
+    probes.update(named_probes(model, config, probes, batch=batch, seq_len=seq_len, gen=gen, dtype=dtype))
+    others = alternatives(probes, config)
+    return first_runnable(model, [probes, *others]) if others else probes

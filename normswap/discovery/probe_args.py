@@ -1,0 +1,188 @@
+"""Probe inputs keyed on forward-argument *names*: the inputs beyond ids/pixels/audio that some models require.
+
+:func:`normswap.discovery.probes.probe_inputs` builds the main inputs; this module adds what a model's ``forward``
+names and the config sizes: video clips (``pixel_values_videos``, or ``pixel_values`` of a config with frames),
+Pix2Struct-style ``flattened_patches``, layout boxes (``bbox``), masks of the audio features, Q-Former prompts,
+aspect-ratio tiles. No rule looks at the model's type or class name: a new architecture whose forward uses the
+same argument names gets the same inputs.
+
+Some inputs have more than one layout in the wild (raw audio as ``[batch, samples]`` or ``[batch, 1, samples]``,
+flattened vision patches as rows or as ``[batch, patches, C, p, p]``); :func:`alternatives` lists the other
+layouts, and the caller keeps the first one the model runs on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def forward_params(model: nn.Module) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def required_params(model: nn.Module) -> list[str]:
+    """The forward arguments without a default (the ones a call must pass)."""
+    return [n for n, p in forward_params(model).items()
+            if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def _first(config, *names: str, default=None):
+    """The first int-valued attribute among ``names`` on ``config`` or its vision sub-config."""
+    for c in (config, getattr(config, "vision_config", None)):
+        for n in names:
+            v = getattr(c, n, None) if c is not None else None
+            if _is_int(v) and v > 0:
+                return v
+    return default
+
+
+def num_frames(config) -> int | None:
+    """Frames of a video config (``num_frames``/``frames_per_clip``), a multiple of its tubelet size, or None."""
+    frames = _first(config, "num_frames", "frames_per_clip", "num_image_with_embedding")
+    if frames is None:
+        return None
+    tubelet = _first(config, "tubelet_size", "temporal_patch_size", default=1)
+    tubelet = tubelet[0] if isinstance(tubelet, (list, tuple)) else tubelet
+    return max(tubelet, frames)
+
+
+def grid_patches(config, batch: int, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL-style flattened patches of ``batch`` images (each ``2·merge`` patches a side) and their (t, h, w)."""
+    vc = getattr(config, "vision_config", None) or config
+    patch, tp = int(getattr(vc, "patch_size", 14) or 14), int(getattr(vc, "temporal_patch_size", 2) or 1)
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    cin = int(getattr(vc, "in_channels", None) or getattr(vc, "num_channels", None) or 3)
+    merge = int(getattr(vc, "spatial_merge_size", 2) or 1)
+    g = 2 * merge
+    pixels = torch.randn(batch * g * g, cin * tp * patch * patch, generator=gen, dtype=dtype)
+    return pixels, torch.tensor([[1, g, g]] * batch)
+
+
+def _bbox(shape: tuple[int, int], coords: int, gen: torch.Generator) -> torch.Tensor:
+    """Boxes in 0..1000 with x0 ≤ x1 and y0 ≤ y1 (``coords`` 4: x0 y0 x1 y1; 8: the four corners)."""
+    lo = torch.randint(0, 500, (*shape, 2), generator=gen)
+    hi = lo + torch.randint(1, 400, (*shape, 2), generator=gen)
+    x0, y0, x1, y1 = lo[..., 0], lo[..., 1], hi[..., 0], hi[..., 1]
+    if coords == 8:
+        return torch.stack([x0, y0, x1, y0, x1, y1, x0, y1], dim=-1)
+    return torch.stack([x0, y0, x1, y1], dim=-1)
+
+
+def named_probes(model: nn.Module, config, probes: dict, *, batch: int, seq_len: int, gen: torch.Generator,
+                 dtype: torch.dtype) -> dict:
+    """Inputs for the forward arguments ``probes`` does not hold yet, synthesised from their names and the config."""
+    params = forward_params(model)
+    required = set(required_params(model))
+    out: dict[str, torch.Tensor] = {}
+    ids = probes.get("input_ids")
+    seq = ids.shape[1] if isinstance(ids, torch.Tensor) else seq_len
+
+    def want(name: str) -> bool:
+        return name in params and name not in probes
+
+    if want("bbox"):  # layout models: one box per token (LayoutLM, Bros, LiLT, UDOP)
+        out["bbox"] = _bbox((batch, seq), int(getattr(config, "dim_bbox", None) or 4), gen)
+    if want("flattened_patches"):  # Pix2Struct: [row, col, patch pixels...] per patch
+        vc = getattr(config, "vision_config", None) or config
+        width = getattr(vc, "patch_embed_hidden_size", None)
+        if not _is_int(width):
+            patch = int(getattr(vc, "patch_size", 16) or 16)
+            width = patch * patch * int(getattr(vc, "num_channels", 3) or 3)
+        rows = torch.arange(16) // 4
+        pos = torch.stack([rows, torch.arange(16) % 4], dim=-1).to(dtype).expand(batch, 16, 2)
+        out["flattened_patches"] = torch.cat([pos, torch.randn(batch, 16, width, generator=gen, dtype=dtype)], -1)
+        out["attention_mask"] = torch.ones(batch, 16, dtype=torch.long)
+    if want("qformer_input_ids") and ids is not None:  # InstructBLIP: the instruction the Q-Former reads
+        out["qformer_input_ids"] = ids[:, :8].clone()
+    if "input_features" in probes:
+        feats = probes["input_features"]
+        for name in ("input_features_mask", "feature_attention_mask"):
+            if want(name) and name in required:
+                frames = feats.shape[-1] if feats.dim() == 3 and feats.shape[-1] > feats.shape[-2] else feats.shape[1]
+                out[name] = torch.ones(batch, frames, dtype=torch.long)
+    pixels = probes.get("pixel_values")
+    if want("image_attention_mask") and isinstance(pixels, torch.Tensor):  # which images each token may attend
+        if pixels.dim() == 4:
+            out["pixel_values"] = pixels = pixels[:, None]
+        out["image_attention_mask"] = torch.ones(batch, seq, pixels.shape[1], dtype=torch.long)
+    if want("aspect_ratio_ids") and "pixel_values" in probes:  # Mllama: one tile per image
+        out["aspect_ratio_ids"] = torch.ones(batch, 1, dtype=torch.long)
+        out["aspect_ratio_mask"] = torch.ones(batch, 1, 1, dtype=torch.long)
+    return out
+
+
+def _reshape(probes: dict, key: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict | None:
+    value = probes.get(key)
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return {**probes, key: fn(value)}
+    except RuntimeError:
+        return None
+
+
+def alternatives(probes: dict, config) -> list[dict]:
+    """Other layouts of the same inputs, for models whose forward reads them differently (tried in order)."""
+    out: list[dict | None] = []
+    values = probes.get("input_values")
+    if isinstance(values, torch.Tensor) and values.dim() == 2:  # raw audio: mono channel first
+        out.append(_reshape(probes, "input_values", lambda v: v[:, None, :]))
+    feats = probes.get("input_features")
+    if isinstance(feats, torch.Tensor) and feats.dim() == 3:  # spectrogram as a one-channel image
+        out.append(_reshape(probes, "input_features", lambda v: v[:, None]))
+        out.append(_reshape(probes, "input_features", lambda v: v.transpose(1, 2)))
+    grid = probes.get("grid_thw", probes.get("image_grid_thw"))
+    pixels = probes.get("pixel_values")
+    if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:  # one image per sample, as [batch, images, C, H, W]
+        out.append(_reshape(probes, "pixel_values", lambda v: v[:, None]))
+    for key in ("pixel_values", "hidden_states"):
+        if isinstance(probes.get(key), torch.Tensor) and probes[key].dim() == 2 and isinstance(grid, torch.Tensor):
+            out.extend(_patch_layouts(probes, key, config, grid))
+    return [p for p in out if p is not None]
+
+
+def _patch_layouts(probes: dict, key: str, config, grid: torch.Tensor) -> list[dict | None]:
+    """Flattened patches as rows without the temporal fold, one [C, p, p] image per patch, or [images, patches, C,
+    p, p]; each with and without the temporal patch folded into the channels."""
+    vc = getattr(config, "vision_config", None) or config
+    patch, tp = int(getattr(vc, "patch_size", 14) or 14), int(getattr(vc, "temporal_patch_size", 2) or 1)
+    b, n = len(grid), int(grid[0].prod())
+    out = []
+    for t in dict.fromkeys((tp, 1)):
+        def cut(v, t=t):
+            return v[:, : v.shape[1] * t // tp]
+        if t != tp:
+            out.append(_reshape(probes, key, cut))
+        out.append(_reshape(probes, key, lambda v, cut=cut: cut(v).reshape(b * n, -1, patch, patch)))
+        out.append(_reshape(probes, key, lambda v, cut=cut: cut(v).reshape(b, n, -1, patch, patch)))
+    return out
+
+
+def first_runnable(model: nn.Module, candidates: list[dict]) -> dict:
+    """The first candidate the model's forward accepts (float64 default dtype, as the callers run it), else the
+    first candidate (the caller then reports the model's own error)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(next((p.dtype for p in model.parameters() if p.is_floating_point()), previous))
+    try:
+        for probes in candidates:
+            try:
+                with torch.no_grad():
+                    model(**probes)
+            except Exception:  # noqa: BLE001 - this layout is not the one the model reads
+                continue
+            return probes
+    finally:
+        torch.set_default_dtype(previous)
+    return candidates[0]

@@ -1,0 +1,104 @@
+"""Probe inputs synthesised from forward-argument names and config sizes (normswap.discovery.probe_args)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+from normswap.discovery.probes import probe_inputs
+
+
+class _Toy(nn.Module):
+    """A model whose forward is ``fn``; ``probe_inputs`` only sees its signature, config and main input name."""
+
+    def __init__(self, config, main: str = "input_ids") -> None:
+        super().__init__()
+        self.config = config
+        self.main_input_name = main
+        self.w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+
+def _config(**kw):
+    return transformers.PretrainedConfig(**kw)
+
+
+def test_vision_tower_taking_hidden_states_and_grid_gets_flattened_patches():
+    class Tower(_Toy):
+        def forward(self, hidden_states, grid_thw):
+            assert int(grid_thw.prod(-1).sum()) == hidden_states.shape[0]
+            return hidden_states.sum()
+
+    cfg = _config(patch_size=4, temporal_patch_size=2, in_channels=3, spatial_merge_size=2)
+    probes = probe_inputs(Tower(cfg))
+    assert set(probes) == {"hidden_states", "grid_thw"}  # no input_ids: the forward does not take them
+    assert probes["hidden_states"].shape == (2 * 16, 3 * 2 * 4 * 4)
+    assert probes["grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+
+
+def test_patch_layout_the_forward_reads_is_picked():
+    class Tower(_Toy):
+        def forward(self, pixel_values, grid_thw=None):
+            b, n, c, h, w = pixel_values.shape  # [images, patches, C, p, p] without the temporal fold
+            assert c == 3
+            return pixel_values.sum()
+
+    cfg = _config(patch_size=4, temporal_patch_size=2, num_channels=3, spatial_merge_size=2)
+    probes = probe_inputs(Tower(cfg, main="pixel_values"))
+    assert probes["pixel_values"].shape == (2, 16, 3, 4, 4)
+
+
+def test_video_config_gets_a_clip_and_layout_models_get_boxes():
+    class Video(_Toy):
+        def forward(self, pixel_values):
+            return pixel_values.sum()
+
+    probes = probe_inputs(Video(_config(num_frames=4, image_size=32, num_channels=3), main="pixel_values"))
+    assert probes["pixel_values"].shape == (2, 4, 3, 32, 32)
+
+    class Layout(_Toy):
+        def forward(self, input_ids, bbox=None):
+            return bbox.sum()
+
+    probes = probe_inputs(Layout(_config(vocab_size=100)))
+    box = probes["bbox"]
+    assert box.shape == (*probes["input_ids"].shape, 4)
+    assert (box[..., 2] >= box[..., 0]).all() and (box[..., 3] >= box[..., 1]).all() and box.max() <= 1000
+
+
+def test_raw_audio_mono_channel_layout_is_tried_when_the_flat_one_fails():
+    class Codec(_Toy):
+        def forward(self, input_values):
+            if input_values.dim() != 3 or input_values.shape[1] != 1:
+                raise ValueError("Audio must be mono")
+            return input_values.sum()
+
+    probes = probe_inputs(Codec(_config(), main="input_values"))
+    assert probes["input_values"].shape[:2] == (2, 1)
+
+
+def test_required_feature_mask_and_flattened_patches_are_synthesised():
+    class Encoder(_Toy):
+        def forward(self, input_features, input_features_mask):
+            assert input_features_mask.shape == input_features.shape[:1] + input_features.shape[-1:]
+            return input_features.sum()
+
+    probes = probe_inputs(Encoder(_config(num_mel_bins=16, max_source_positions=8), main="input_features"))
+    assert probes["input_features_mask"].dtype == torch.long
+
+    class Pix2Struct(_Toy):
+        def forward(self, flattened_patches=None, attention_mask=None):
+            return flattened_patches.sum()
+
+    probes = probe_inputs(Pix2Struct(_config(patch_embed_hidden_size=48), main="flattened_patches"))
+    assert probes["flattened_patches"].shape[-1] == 48 + 2  # row, column, then the patch
+    assert probes["attention_mask"].shape == probes["flattened_patches"].shape[:2]
+
+
+def test_vlm_default_config_without_an_image_token_gets_one():
+    from normswap.discovery.instance import tiny_config
+
+    cfg = transformers.Blip2Config()
+    assert cfg.image_token_index is None
+    small = tiny_config(cfg)
+    assert isinstance(small.image_token_index, int) and small.image_token_index < small.text_config.vocab_size
