@@ -18,6 +18,7 @@ from torch import nn
 
 from normswap.discovery.model_class import default_model_class
 from normswap.discovery.probes import IMAGE, PATCH, VOCAB, _is_int, _special_ids, probe_inputs
+from normswap.discovery.stage_widths import shrink_stage_widths, uniform_width_stages
 from normswap.discovery.taps import backbone_taps, follow_widths, retap, stages_to_keep
 
 __all__ = ["IMAGE", "PATCH", "VOCAB", "default_model_class", "perturb_", "probe_inputs", "tiny_config",
@@ -34,27 +35,28 @@ EXPERTS = 4
 _LAYER_KEYS = (
     "num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
     "num_encoder_layers", "num_decoder_layers", "vision_layers", "text_layers", "depth", "n_layers_text",
-    "num_text_layers", "num_vision_layers", "encoder_num_layers", "decoder_num_layers", "num_blocks",
+    "num_text_layers", "num_vision_layers", "encoder_num_layers", "decoder_num_layers", "num_blocks", "layers",
 )
 _HIDDEN_KEYS = (
     "hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim", "width", "model_dim", "d_embed",
     "encoder_hidden_size", "decoder_hidden_size", "text_embed_dim", "vision_embed_dim", "embedding_size",
-    "word_embed_proj_dim", "projection_dim", "proj_dim",
+    "word_embed_proj_dim", "projection_dim", "proj_dim", "emb_dim",
 )
 _HEAD_KEYS = (
     "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads",
-    "n_heads", "attention_heads", "encoder_num_attention_heads", "decoder_num_attention_heads",
+    "n_heads", "attention_heads", "encoder_num_attention_heads", "decoder_num_attention_heads", "linear_num_heads",
 )
 _KV_KEYS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
             "num_key_value_groups")
-_HEAD_DIM_KEYS = ("head_dim", "attention_head_dim", "kv_channels", "d_kv", "attention_head_size", "qk_head_dim")
+_HEAD_DIM_KEYS = ("head_dim", "attention_head_dim", "kv_channels", "d_kv", "attention_head_size", "qk_head_dim",
+                  "linear_head_dim")
 _FFN_KEYS = (
     "intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff", "mlp_dim",
     "inner_dim", "moe_intermediate_size", "shared_expert_intermediate_size", "intermediate_size_mlp",
     "ffn_hidden_size", "decoder_intermediate_size", "encoder_intermediate_size", "d_inner", "dim_feedforward",
-    "encoder_ffn_embed_dim", "decoder_ffn_embed_dim", "expert_intermediate_size", "ff_dim",
+    "encoder_ffn_embed_dim", "decoder_ffn_embed_dim", "expert_intermediate_size", "ff_dim", "projection_intermediate_dim",
 )
-_VOCAB_KEYS = ("vocab_size", "n_vocab", "text_vocab_size")
+_VOCAB_KEYS = ("vocab_size", "n_vocab", "text_vocab_size", "entity_vocab_size")
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_total")
 _TOPK_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "moe_topk", "num_selected_experts")
 _STAGE_KEYS = ("num_stages", "num_encoder_blocks")
@@ -148,7 +150,8 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
             d[k] = 32
     if _is_int(d.get("rotary_dim")):
         d["rotary_dim"] = min(d["rotary_dim"], HEAD_DIM // 2)
-    if not stages:
+    shrink_stage_widths(d, _LAYER_KEYS, HIDDEN)
+    if not stages or uniform_width_stages(d):
         hidden_old = next((d[k] for k in _HIDDEN_KEYS if _is_int(d.get(k)) and d[k] > HIDDEN), None)
         for k in _HIDDEN_KEYS:
             if _is_int(d.get(k)) and d[k] > HIDDEN:
@@ -177,7 +180,8 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
         if _is_int(d.get(k)) and d[k] > 1:
             d[k] = 1
     for k, cap in (("max_source_positions", 64), ("num_conv_pos_embeddings", 16), ("num_mel_bins", 16),
-                   ("max_length", 64), ("num_queries", 8)):  # DETR queries: top-k of the small image's tokens
+                   ("max_length", 64), ("num_queries", 8),  # DETR queries: top-k of the small image's tokens
+                   ("latent_query_num", 8)):  # Kosmos-2(.5): learned queries pooling the image (2048 by default)
         if _is_int(d.get(k)) and d[k] > cap:
             d[k] = cap
     for k in ("conv_dim", "tdnn_dim"):  # audio feature extractors: narrow convs, same kernels and strides
