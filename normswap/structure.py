@@ -92,14 +92,30 @@ class Structure:
 
 
 def base_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
-    """The base model and its dotted name inside the top-level model plus a dot ('' when the model is the base)."""
+    """The base model and its dotted name inside the top-level model plus a dot ('' when the model is the base).
+
+    ``model.base_model`` is the child named by ``base_model_prefix``; a child that does not hold the model's input
+    embeddings is not its body but a part of it (``DINOv3ViTModel.model`` is the encoder, next to the embeddings),
+    and the model is then its own base.
+    """
     base = getattr(model, "base_model", model)
     if base is model:
         return model, ""
     for name, module in model.named_children():
         if module is base:
-            return base, name + "."
+            return (base, name + ".") if _holds_input_embeddings(model, base) else (model, "")
     return base, ""
+
+
+def _holds_input_embeddings(model: nn.Module, base: nn.Module) -> bool:
+    """Whether ``base`` contains ``model``'s input embeddings (True when the model cannot say which they are)."""
+    try:
+        emb = model.get_input_embeddings()
+    except Exception:  # noqa: BLE001 - no input embeddings declared (NotImplementedError, AttributeError ...)
+        return True
+    if not isinstance(emb, nn.Module):
+        return True
+    return any(m is emb for m in base.modules())
 
 
 def lookup(root: nn.Module, path: str) -> nn.Module | nn.Parameter | None:
@@ -166,7 +182,8 @@ def resolve(model: nn.Module, adapter: Adapter, config: object | None = None) ->
                 raise CheckpointError(f"{adapter.model_type} adapter: LayerScale {root_prefix}{w.scale} of writer "
                                       f"{root_prefix}{w.path} not found")
             scale = root_prefix + w.scale
-        out.writers.append(ConcreteWriter(root_prefix + w.path, w.layout, isinstance(found, nn.Parameter), scale))
+        name = root_prefix + w.path if w.path else root_prefix.removesuffix(".")  # '': the block itself
+        out.writers.append(ConcreteWriter(name, w.layout, isinstance(found, nn.Parameter), scale))
 
     def add_norm(root: nn.Module, root_prefix: str, n: Norm) -> None:
         found = lookup(root, n.path)

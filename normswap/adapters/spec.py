@@ -23,7 +23,9 @@ from typing import Literal
 #: the stock keys are kept, so the stock class, whose LayerNorms ignore the mean, still loads the checkpoint);
 #: ``recenter_input``: the stream is produced by functional code with no module of its own (Whisper's encoder adds
 #: ``gelu(conv2(...))`` and the positions inline): the *first input* of the module at ``path`` (``layers.0``) is
-#: re-centred at run time instead.
+#: re-centred at run time instead. A block writer whose path is ``''`` is the block itself: ``Writer('',
+#: 'recenter_input')`` re-centres the input of every block (a conformer's blocks end in a norm whose output is the next
+#: block's stream, and the last block's is the model output, which must stay as it was).
 Layout = Literal["linear", "conv1d", "embedding", "conv2d", "conv", "param", "recenter", "recenter_input"]
 
 

@@ -94,8 +94,15 @@ def flatten_outputs(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def is_stream_field(name: str) -> bool:
-    """Output fields that hold the residual stream of every layer: ignored by the invisibility test."""
-    return any(part.endswith("hidden_states") and not part.endswith("last_hidden_state") for part in name.split("."))
+    """Output fields that hold the residual stream of every layer: ignored by the invisibility test.
+
+    Exactly the fields verification compares after mean removal (``STREAM_TUPLES``): a field that merely ends in
+    ``hidden_states`` (SAM3's ``fpn_hidden_states``, computed from the stream by convolutions) is an output like
+    any other, and a writer whose mean reaches it is visible.
+    """
+    from normswap.verification.figures import STREAM_TUPLES
+
+    return any(part in STREAM_TUPLES for part in name.split("."))
 
 
 def run_model(model: nn.Module, probes: dict) -> dict[str, torch.Tensor]:

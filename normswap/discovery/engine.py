@@ -26,9 +26,10 @@ from normswap.discovery import readers as _readers
 from normswap.discovery.capture import Trace, same, trace
 from normswap.discovery.norms import UNRUN_REASON, find_norms, other_norm_counts, unrun_layernorms
 from normswap.discovery.probing import optional_probes
+from normswap.discovery.rehearsal import settle
 from normswap.discovery.result import Discovery, NormFinding
 from normswap.discovery.simulate import Fix, measure_fixes, norm_ratios
-from normswap.discovery.template import NormRole, WriterRole, build_adapter, module_lists, split_block
+from normswap.discovery.template import module_lists, split_block
 from normswap.discovery.writers import (
     OUTPUT_TOL,
     REDUCED_TOL,
@@ -139,18 +140,12 @@ class _Engine:
                 f.readers = _readers.fold_readers(self.model, self.probes, ref, f.name, self.tol)
         t = self._tick("readers", t)
 
-        writes_stream = {f.name for f in fixes if f.layout == "writes_stream"}
-        for f in findings:
-            f.writes_stream = f.name in writes_stream
-        writer_roles = [WriterRole(f.name, f.layout, f.scale) for f in fixes if f.layout != "writes_stream"]
-        norm_roles = [NormRole(f.name, f.status == "exact", f.writes_stream, f.readers,
-                               _readers.reader_layout(self.modules, f.readers)) for f in findings
-                      if f.status != "kept"]
-        kept = {f.name: f.reason for f in findings if f.status == "kept"}
-        adapter, unexpressed = build_adapter(self.model, model_type, writer_roles, norm_roles, kept, stream_outputs,
-                                             notes="discovered by normswap.discovery (measured on a small instance)")
-        if unexpressed:
-            self.notes.append(f"roles outside the base model cannot be declared: {', '.join(unexpressed)}")
+        # The claim is checked on the adapter as the conversion applies it (every block), not on the measurements.
+        settled = settle(self.model, self.probes, ref, model_type, fixes, findings, stream_outputs, self.tol, RATIO,
+                         feeds)
+        adapter, fixes, stream_outputs = settled.adapter, settled.fixes, settled.stream_outputs
+        self.notes += settled.notes
+        self._tick("rehearsal", t)
         del sim
         return Discovery(model_type, adapter, findings, rms, fixes, raw, stream_outputs,
                          time.perf_counter() - t0, self.timings, self.notes, module_lists(self.model),

@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from torch import nn
 
 from normswap.adapters.spec import Adapter, Norm, Stack, Writer
+from normswap.structure import base_and_prefix
 
 
 @dataclass
@@ -32,13 +33,7 @@ class WriterRole:
 
 def base_prefix(model: nn.Module) -> str:
     """Dotted name of the base model inside the top-level model ('' when the model is its own base)."""
-    base = getattr(model, "base_model", model)
-    if base is model:
-        return ""
-    for name, module in model.named_children():
-        if module is base:
-            return name + "."
-    return ""
+    return base_and_prefix(model)[1]
 
 
 def module_lists(model: nn.Module) -> dict[str, int]:
@@ -85,6 +80,19 @@ def _reader_paths(norm: NormRole, own_block: tuple[str, int] | None, lists: dict
     return tuple(out)
 
 
+def _every_block_input(writers: list[WriterRole], lists: dict[str, int]) -> dict[str, tuple[str, int, str]]:
+    """{block name: (list, index, '')} for input re-centrings found on every block of a list (each block re-centres
+    its input: the block role ``''``); a re-centring of some blocks only (Whisper's ``encoder.layers.0``) stays a
+    full path."""
+    found: dict[str, set[int]] = {}
+    for w in writers:
+        head, _, index = w.name.rpartition(".")
+        if w.layout == "recenter_input" and head in lists and index.isdigit():
+            found.setdefault(head, set()).add(int(index))
+    return {f"{head}.{i}": (head, i, "") for head, idx in found.items() if idx == set(range(lists[head]))
+            for i in idx}
+
+
 def build_adapter(model: nn.Module, model_type: str, writers: list[WriterRole], norms: list[NormRole],
                   kept: dict[str, str], raw_stream_outputs: list[str], notes: str = "") -> tuple[Adapter, list[str]]:
     """The adapter for these roles, and the roles that could not be expressed (outside the base model)."""
@@ -95,8 +103,9 @@ def build_adapter(model: nn.Module, model_type: str, writers: list[WriterRole], 
     top_norms: list[Norm] = []
     heads: set[str] = set()
     unexpressed: list[str] = []
+    every_input = _every_block_input(writers, lists)
     for w in writers:
-        where = split_block(w.name, lists) if w.layout != "recenter_input" else None
+        where = split_block(w.name, lists) if w.layout != "recenter_input" else every_input.get(w.name)
         if where is not None and _relative(where[0], prefix) is not None:
             g = groups.setdefault(where[0], _Group())
             g.writer_blocks.setdefault(where[2], set()).add(where[1])
