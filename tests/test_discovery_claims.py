@@ -5,7 +5,8 @@ block ends in ``norm_out``, which re-centres the next block's stream; the templa
 moving the model output (measured on 2 layers, converted here with 3). DINOv3's ``base_model`` is its encoder, so the
 embedding writers were dropped from the adapter. VideoPrism's LayerNorm applies ``weight + 1``, which an RMSNorm with
 its parameters does not. VipLlava's projector reads the stream after block 0 raw, so ``layer_norm1`` is exact in
-block 0 only, and one role swapped it in every block. References: the stock classes run in float64.
+block 0 only, and one role swapped it in every block. VitDet's stream is channels-first, so its raw-stream output
+was taken for a visible one. References: the stock classes run in float64.
 """
 
 from __future__ import annotations
@@ -117,6 +118,26 @@ def test_role_exact_in_some_blocks_only_is_kept_in_all():
     assert all(n.path != "layer_norm1" for n in found.adapter.block_norms)
     report = normswap.convert_(model, probes=probe_inputs(model))
     assert report.passed, report.verification.summary()
+
+
+def test_channels_first_raw_stream_output_is_named_and_compared_over_its_channels():
+    # VitDet returns the stream after the last block as last_hidden_state, laid out [batch, hidden, h, w]: it comes
+    # back with each position's mean over the hidden (channel) axis removed, and verification compares it so.
+    torch.manual_seed(0)
+    cfg = T.VitDetConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=32,
+                         pretrain_image_size=32, patch_size=8)
+    model = perturb_(T.VitDetModel(cfg)).eval()
+    adapter = discover_from_config(model.config, type(model)).adapter
+    assert adapter.raw_stream_outputs == ("last_hidden_state",) and adapter.stream_axis == 1
+    probes = probe_inputs(model)
+    ref = _reference(model, probes).last_hidden_state
+    report = normswap.convert_(model, probes=probes)
+    assert report.passed, report.verification.summary()
+    assert report.verification.raw_stream_outputs == ["last_hidden_state"]
+    with torch.no_grad():
+        out = model(**probes).last_hidden_state
+    assert _rel(out, ref - ref.mean(1, keepdim=True)) < 1e-5
+    assert _rel(out, ref) > 1e-3  # the mean it lost is not rounding
 
 
 def test_only_the_per_layer_stream_tuples_are_stream_fields():

@@ -121,6 +121,9 @@ class Adapter:
     #: Output fields that *are* the residual stream (CLIP vision ``last_hidden_state``, ``hidden_states``): after an
     #: exact conversion they come back mean-removed; the report and card name them.
     raw_stream_outputs: tuple[str, ...] = ()
+    #: Axis of the hidden dimension in the stream between blocks and in ``raw_stream_outputs``: the last (-1), or 1
+    #: for a model that keeps its stream channels-first between blocks (VitDet: [batch, hidden, h, w]).
+    stream_axis: int = -1
     #: "declared" (a reviewed entry in architectures.py) or "discovered" (measured by normswap.discovery).
     origin: Literal["declared", "discovered"] = "declared"
 

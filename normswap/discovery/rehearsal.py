@@ -27,7 +27,7 @@ from normswap.discovery.capture import Trace, first_tensor, trace
 from normswap.discovery.result import NormFinding
 from normswap.discovery.simulate import Fix, measure_fixes, norm_ratios
 from normswap.discovery.template import NormRole, WriterRole, build_adapter, module_lists, split_block
-from normswap.discovery.writers import output_effect
+from normswap.discovery.writers import ones_axis, output_effect
 from normswap.norm import RMSNorm, is_layernorm_like
 from normswap.structure import resolve
 
@@ -55,6 +55,8 @@ class Rehearsal:
     visible: list[str] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)
     error: str | None = None
+    #: The hidden axis of the stream as the raw outputs show it: -1, or 1 when every one is channels-first.
+    stream_axis: int = -1
 
     @property
     def ok(self) -> bool:
@@ -62,7 +64,7 @@ class Rehearsal:
 
 
 def build(model: nn.Module, model_type: str, fixes: list[Fix], findings: list[NormFinding],
-          stream_outputs: list[str]) -> tuple[Adapter, list[str]]:
+          stream_outputs: list[str], stream_axis: int = -1) -> tuple[Adapter, list[str]]:
     """The adapter for these full-name measurements, and the roles it could not express (outside the base model)."""
     writes_stream = {f.name for f in fixes if f.layout == "writes_stream"}
     for f in findings:
@@ -73,7 +75,8 @@ def build(model: nn.Module, model_type: str, fixes: list[Fix], findings: list[No
                   for f in findings if f.status != "kept"]
     kept = {f.name: f.reason for f in findings if f.status == "kept"}
     return build_adapter(model, model_type, writer_roles, norm_roles, kept, stream_outputs,
-                         notes="discovered by normswap.discovery (measured on a small instance)")
+                         notes="discovered by normswap.discovery (measured on a small instance)",
+                         stream_axis=stream_axis if stream_outputs else -1)
 
 
 def _reader_layout(modules: dict[str, nn.Module], readers: list[str]) -> str:
@@ -143,7 +146,8 @@ def rehearse(model: nn.Module, probes: dict, ref: Trace, adapter: Adapter, tol: 
         return Rehearsal(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     ratios = norm_ratios(tr, [n.name for n in plan.norms if n.exact])
     visible, raw = output_effect(ref.outputs, tr.outputs, tol)
-    return Rehearsal({n: r for n, r in ratios.items() if r > ratio}, visible, raw)
+    axes = {ones_axis(tr.outputs[n] - ref.outputs[n], tol) for n in raw}
+    return Rehearsal({n: r for n, r in ratios.items() if r > ratio}, visible, raw, stream_axis=1 if axes == {1} else -1)
 
 
 def _role(name: str, lists: dict[str, int]) -> tuple[str | None, str]:
@@ -169,12 +173,12 @@ def settle(model: nn.Module, probes: dict, ref: Trace, model_type: str, fixes: l
     swapped = {f.name for f in findings if f.status != "kept"}
     lean = [f for f in settled.fixes if feeds is None or f.name not in feeds or feeds[f.name] & swapped]
     if lean != settled.fixes and swapped:
-        adapter, _ = build(model, model_type, lean, findings, settled.stream_outputs)
+        adapter, _ = build(model, model_type, lean, findings, settled.stream_outputs, settled.adapter.stream_axis)
         rh = rehearse(model, probes, ref, adapter, tol, ratio)
         if rh.ok and set(rh.raw) <= set(settled.stream_outputs):
             raw = sorted(rh.raw)
-            settled.adapter, settled.fixes, settled.stream_outputs = build(model, model_type, lean, findings,
-                                                                           raw)[0], lean, raw
+            settled.adapter, settled.fixes, settled.stream_outputs = build(model, model_type, lean, findings, raw,
+                                                                           rh.stream_axis)[0], lean, raw
     return settled
 
 
@@ -194,6 +198,8 @@ def _settle(model: nn.Module, probes: dict, ref: Trace, model_type: str, fixes: 
             continue
         new_raw = set(rh.raw) - set(stream_outputs)
         if rh.ok and not new_raw:
+            if rh.stream_axis != adapter.stream_axis:
+                adapter, unexpressed = build(model, model_type, fixes, findings, stream_outputs, rh.stream_axis)
             break
         # A run-time re-centring role applied where it was not measured: where re-centring each block's input does
         # the same job, every output stays as it was.
@@ -205,7 +211,7 @@ def _settle(model: nn.Module, probes: dict, ref: Trace, model_type: str, fixes: 
             continue
         if rh.ok:  # the roles also move a stream output along ones: it is named as the raw stream
             stream_outputs = sorted(set(stream_outputs) | new_raw)
-            adapter, unexpressed = build(model, model_type, fixes, findings, stream_outputs)
+            adapter, unexpressed = build(model, model_type, fixes, findings, stream_outputs, rh.stream_axis)
             break
         if rh.visible and not rh.bad_norms and any(f.status == "approximate" for f in findings):
             # Post-LN: the conversion is approximate and measures its damage; no exact claim rests on the outputs.

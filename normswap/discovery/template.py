@@ -94,7 +94,8 @@ def _every_block_input(writers: list[WriterRole], lists: dict[str, int]) -> dict
 
 
 def build_adapter(model: nn.Module, model_type: str, writers: list[WriterRole], norms: list[NormRole],
-                  kept: dict[str, str], raw_stream_outputs: list[str], notes: str = "") -> tuple[Adapter, list[str]]:
+                  kept: dict[str, str], raw_stream_outputs: list[str], notes: str = "",
+                  stream_axis: int = -1) -> tuple[Adapter, list[str]]:
     """The adapter for these roles, and the roles that could not be expressed (outside the base model)."""
     prefix = base_prefix(model)
     lists = module_lists(model)
@@ -180,6 +181,7 @@ def build_adapter(model: nn.Module, model_type: str, writers: list[WriterRole], 
         stacks=tuple(stacks[1:]),
         kept_reasons=reasons,
         raw_stream_outputs=tuple(raw_stream_outputs),
+        stream_axis=stream_axis,
         origin="discovered",
     )
     return adapter, unexpressed

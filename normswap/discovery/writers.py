@@ -82,11 +82,21 @@ def output_effect(ref: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
             continue
         if same(n, r, tol):
             continue
-        if name.split(".")[-1] == "last_hidden_state" and along_ones(n - r, -1, tol):
+        if name.split(".")[-1] == "last_hidden_state" and ones_axis(n - r, tol) is not None:
             raw.append(name)
         else:
             visible.append(name)
     return visible, raw
+
+
+def ones_axis(diff: torch.Tensor, tol: float = OUTPUT_TOL) -> int | None:
+    """The axis along which ``diff`` is a per-index multiple of ones: -1 (hidden last), 1 for a 4-d tensor laid out
+    channels-first ([batch, hidden, h, w]: the stream VitDet returns), None when it is neither."""
+    if along_ones(diff, -1, tol):
+        return -1
+    if diff.dim() == 4 and along_ones(diff, 1, tol):
+        return 1
+    return None
 
 
 def fed_norms(ref: Trace, new: Trace, norms: list[str], tol: float = OUTPUT_TOL) -> set[str]:

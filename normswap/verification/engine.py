@@ -39,26 +39,27 @@ def is_logits(model: nn.Module, out: torch.Tensor) -> bool:
 
 def judge(truth: Run, original: Run, converted: Run, *, blocks: list[Block], norms: dict[str, bool], mode: str,
           logits: bool, tolerance: float | None = None, probe: str = "", scope: str = "",
-          raw_outputs: tuple[str, ...] = ()) -> VerificationResult:
+          raw_outputs: tuple[str, ...] = (), stream_axis: int = -1) -> VerificationResult:
     """The verdict: exact mode passes when the converted model is no further from the float64 original than the
     original at the same dtype (×1.5, or a floor of a few ulps), every exact norm input and every writer output
     is zero-mean, and every block's stream passes the same test. ``tolerance`` replaces the bound when given.
 
     ``raw_outputs`` are the adapter's ``raw_stream_outputs``: outputs that *are* the residual stream (CLIP vision's
     ``last_hidden_state``) come back mean-removed by design, so they are compared after removing each token's
-    mean from every run; every other output the model returns is held to the same bound as the primary one."""
+    mean from every run; every other output the model returns is held to the same bound as the primary one.
+    ``stream_axis`` is the stream's hidden axis (the adapter's: 1 for a channels-first stream such as VitDet's)."""
     exact = mode == "exact"
     raw = [n for n in [converted.output_name, *converted.others] if is_raw_stream(n, raw_outputs)]
-    fig = output_figures(*(centred_output(r, raw) for r in (truth, original, converted)), logits)
+    fig = output_figures(*(centred_output(r, raw, stream_axis) for r in (truth, original, converted)), logits)
     dtype = converted.dtype
     floor = floor_for(dtype)
     bound = tolerance if tolerance is not None else max(ERROR_MARGIN * fig["original_error"], floor)
-    others = other_output_figures(truth, original, converted, raw, tolerance)
+    others = other_output_figures(truth, original, converted, raw, tolerance, stream_axis)
     limit = mean_threshold(dtype)
     norm_inputs = {n: NormInputStats(r, rms, norms[n]) for n, (r, rms) in converted.norms.items() if n in norms}
     uncentred_norms = [n for n, s in norm_inputs.items() if s.exact and s.max_mean_over_rms >= limit]
     uncentred_writers = [n for n, r in converted.writers.items() if exact and r >= limit]
-    records, failure = block_figures(blocks, truth, original, converted, exact=exact, norms=norms)
+    records, failure = block_figures(blocks, truth, original, converted, exact=exact, norms=norms, axis=stream_axis)
     if failure is None and uncentred_writers:
         failure = f"{uncentred_writers[0]} output not centred (|mean|/rms {converted.writers[uncentred_writers[0]]:.1e})"
     if failure is None and uncentred_norms:
@@ -122,4 +123,4 @@ class TruthVerifier:
         scope = f"whole model in memory, run module by module in float64 and {dtype_name(self.dtype)}"
         return judge(self.truth, self.original, converted, blocks=self.blocks, norms=norms, mode=mode,
                      logits=is_logits(model, converted.output), tolerance=tolerance, probe=probe, scope=scope,
-                     raw_outputs=self.adapter.raw_stream_outputs)
+                     raw_outputs=self.adapter.raw_stream_outputs, stream_axis=self.adapter.stream_axis)

@@ -48,8 +48,8 @@ def rel_error(x: torch.Tensor, truth: torch.Tensor) -> float:
     return float((x - truth).abs().max()) / max(float(truth.abs().max()), 1e-300)
 
 
-def _centre(x: torch.Tensor) -> torch.Tensor:
-    return x - x.mean(-1, keepdim=True)
+def _centre(x: torch.Tensor, axis: int = -1) -> torch.Tensor:
+    return x - x.mean(axis, keepdim=True)
 
 
 #: Output fields that hold the stream after each block in every transformers model (issue 13: they come back
@@ -64,13 +64,14 @@ def is_raw_stream(name: str, raw_outputs: tuple[str, ...] | list[str]) -> bool:
     return any(name == r or name.startswith(r + ".") for r in raw_outputs)
 
 
-def centred_output(run: Run, raw: list[str]) -> Run:
-    """``run`` with its primary output mean-removed per token when that output is the raw residual stream."""
-    return replace(run, output=_centre(run.output)) if run.output_name in raw else run
+def centred_output(run: Run, raw: list[str], axis: int = -1) -> Run:
+    """``run`` with its primary output mean-removed per token when that output is the raw residual stream (over
+    ``axis``, the stream's hidden axis)."""
+    return replace(run, output=_centre(run.output, axis)) if run.output_name in raw else run
 
 
 def other_output_figures(truth: Run, original: Run, converted: Run, raw: list[str],
-                         tolerance: float | None) -> dict[str, dict]:
+                         tolerance: float | None, axis: int = -1) -> dict[str, dict]:
     """Every output besides the primary one (pooler_output, the towers' outputs of a dual encoder), each held to
     its own bound; raw stream outputs are compared after removing each token's mean (in every run)."""
     floor = floor_for(converted.dtype)
@@ -80,7 +81,7 @@ def other_output_figures(truth: Run, original: Run, converted: Run, raw: list[st
         if t is None or o is None or t.shape != c.shape or o.shape != c.shape:
             continue
         if name in raw:
-            t, o, c = _centre(t), _centre(o), _centre(c)
+            t, o, c = _centre(t, axis), _centre(o, axis), _centre(c, axis)
         o_err, c_err = rel_error(o, t), rel_error(c, t)
         bound = tolerance if tolerance is not None else max(ERROR_MARGIN * o_err, floor)
         found[name] = {"original_error": o_err, "converted_error": c_err, "bound": bound, "passed": c_err <= bound,
@@ -112,7 +113,7 @@ def output_figures(truth: Run, original: Run, converted: Run, is_logits: bool) -
 
 
 def block_figures(blocks: list[Block], truth: Run, original: Run, converted: Run, *, exact: bool,
-                  norms: dict[str, bool]) -> tuple[list[dict], str | None]:
+                  norms: dict[str, bool], axis: int = -1) -> tuple[list[dict], str | None]:
     """Per block: both streams' errors against the truth after centring, and what failed first (None: nothing).
 
     The converted stream is zero-mean by construction; the original's carries the mean its writers add, which
@@ -134,12 +135,12 @@ def block_figures(blocks: list[Block], truth: Run, original: Run, converted: Run
             if name.startswith(block.name + ".") and norms.get(name) and ratio >= limit:
                 problems.append(f"{name[len(block.name) + 1:]} input not zero-mean (|mean|/rms {ratio:.1e})")
         if t is not None and o is not None and c is not None and t.shape == c.shape:
-            tc = _centre(t)
+            tc = _centre(t, axis)
             scale = max(float(tc.abs().max()), 1e-300)
-            o_err = float((_centre(o) - tc).abs().max()) / scale
-            c_err = float((_centre(c) - tc).abs().max()) / scale
+            o_err = float((_centre(o, axis) - tc).abs().max()) / scale
+            c_err = float((_centre(c, axis) - tc).abs().max()) / scale
             record.update(original_error=o_err, converted_error=c_err,
-                          mean_ratio=float((c.mean(-1).abs() / c.pow(2).mean(-1).sqrt().clamp_min(1e-300)).max()))
+                          mean_ratio=float((c.mean(axis).abs() / c.pow(2).mean(axis).sqrt().clamp_min(1e-300)).max()))
             if exact and not problems and c_err > max(ERROR_MARGIN * o_err, floor):
                 problems.append(f"output stream {c_err:.1e} from the float64 original after centring, the original "
                                 f"in {dtype_name(dtype)}: {o_err:.1e}")

@@ -265,4 +265,4 @@ def verify_folder(converted: str | os.PathLike, original: str | os.PathLike, *, 
              f"files, in float64 and {dtype_name(dtype)}")
     return judge(truth, orig, conv, blocks=out_blocks, norms=norms, mode=meta.get("mode", "exact"),
                  logits=is_logits(out_model, conv.output), tolerance=tolerance, probe=desc, scope=scope,
-                 raw_outputs=adapter.raw_stream_outputs)
+                 raw_outputs=adapter.raw_stream_outputs, stream_axis=adapter.stream_axis)
