@@ -18,7 +18,7 @@ from torch import nn
 
 from normswap.discovery.model_class import default_model_class
 from normswap.discovery.probes import IMAGE, PATCH, VOCAB, _is_int, _special_ids, probe_inputs
-from normswap.discovery.stage_widths import shrink_stage_widths, uniform_width_stages
+from normswap.discovery.stage_widths import shrink_head_widths, shrink_stage_widths, uniform_width_stages
 from normswap.discovery.taps import backbone_taps, follow_widths, retap, stages_to_keep
 
 __all__ = ["IMAGE", "PATCH", "VOCAB", "default_model_class", "perturb_", "probe_inputs", "tiny_config",
@@ -151,6 +151,7 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
     if _is_int(d.get("rotary_dim")):
         d["rotary_dim"] = min(d["rotary_dim"], HEAD_DIM // 2)
     shrink_stage_widths(d, _LAYER_KEYS, HIDDEN)
+    shrink_head_widths(d)
     if not stages or uniform_width_stages(d):
         hidden_old = next((d[k] for k in _HIDDEN_KEYS if _is_int(d.get(k)) and d[k] > HIDDEN), None)
         for k in _HIDDEN_KEYS:
@@ -180,6 +181,7 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
         if _is_int(d.get(k)) and d[k] > 1:
             d[k] = 1
     for k, cap in (("max_source_positions", 64), ("num_conv_pos_embeddings", 16), ("num_mel_bins", 16),
+                   ("spec_size", 64),  # CLAP's audio tower resizes the mel bins to a spec_size² image
                    ("max_length", 64), ("num_queries", 8),  # DETR queries: top-k of the small image's tokens
                    ("latent_query_num", 8)):  # Kosmos-2(.5): learned queries pooling the image (2048 by default)
         if _is_int(d.get(k)) and d[k] > cap:

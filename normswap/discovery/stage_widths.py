@@ -12,6 +12,10 @@ writer, in float64) take tens of seconds:
   heads and the ratios between stage widths (and so between a stage's MLP width and the next stage's width) stay
   what they were. Stages and depths are kept: such a model's roles are measured per stage and per layer index
   (CvT's last stage alone has a cls token), so a shallower instance would describe a different model.
+
+Dense-prediction heads (DPT, ZoeDepth, CHMv2) are stage-like too: one neck width per backbone tap, and fusion
+convolutions run at up to twice the image resolution. Their fusion width is capped and the neck's per-level widths
+halved until the widest is at most 512 (a 768-wide 3x3 neck convolution cost more than the whole backbone).
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from typing import Any
 _STAGE_WIDTH_KEYS = ("embed_dim", "hidden_sizes", "embedding_size", "patch_embeds_hidden_size")
 _PER_STAGE_WIDTHS = ("embed_dim", "hidden_sizes")
 _PER_STAGE_HEADS = ("num_heads", "num_attention_heads")
+#: Widths of a dense-prediction head's fusion stage, capped at :data:`FUSION`; its per-level neck widths.
+_FUSION_KEYS = ("fusion_hidden_size", "bottleneck_features")
+_NECK_KEYS = ("neck_hidden_sizes", "post_process_channels")
+FUSION = 32
+NECK = 512
 
 
 def _is_int(v: Any) -> bool:
@@ -60,3 +69,18 @@ def shrink_stage_widths(d: dict, layer_keys: tuple[str, ...], target: int) -> No
             continue
         f = next((f for f in factors if max(widths) // f <= target), factors[-1])
         d[key] = [w // f for w in widths]
+
+
+def shrink_head_widths(d: dict) -> None:
+    """Cap a dense-prediction head's fusion widths at :data:`FUSION` and halve its per-level neck widths until the
+    widest is at most :data:`NECK` (every level keeps its share of the width)."""
+    for k in _FUSION_KEYS:
+        if _is_int(d.get(k)) and d[k] > FUSION:
+            d[k] = FUSION
+    for k in _NECK_KEYS:
+        widths = d.get(k)
+        if not _int_list(widths):
+            continue
+        while max(widths) > NECK and all(w % 2 == 0 for w in widths):
+            widths = [w // 2 for w in widths]
+        d[k] = widths
