@@ -182,6 +182,7 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
             d[k] = 1
     for k, cap in (("max_source_positions", 64), ("num_conv_pos_embeddings", 16), ("num_mel_bins", 16),
                    ("spec_size", 64),  # CLAP's audio tower resizes the mel bins to a spec_size² image
+                   ("attention_window", 16),  # Longformer/LED pad every input to a multiple of the window (512)
                    ("max_length", 64), ("num_queries", 8),  # DETR queries: top-k of the small image's tokens
                    ("latent_query_num", 8)):  # Kosmos-2(.5): learned queries pooling the image (2048 by default)
         if _is_int(d.get(k)) and d[k] > cap:
