@@ -6,12 +6,14 @@ moving the model output (measured on 2 layers, converted here with 3). DINOv3's 
 embedding writers were dropped from the adapter. VideoPrism's LayerNorm applies ``weight + 1``, which an RMSNorm with
 its parameters does not. VipLlava's projector reads the stream after block 0 raw, so ``layer_norm1`` is exact in
 block 0 only, and one role swapped it in every block. VitDet's stream is channels-first, so its raw-stream output
-was taken for a visible one. References: the stock classes run in float64.
+was taken for a visible one. A LayerScale after a writer found invisible on its own was not folded (TIPSv2-DPT).
+References: the stock classes run in float64.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -21,8 +23,12 @@ from tiny_models import perturb_
 import normswap
 from normswap.adapters.spec import Writer
 from normswap.discovery import discover_from_config
-from normswap.discovery.capture import is_stream_field
+from normswap.discovery.capture import is_stream_field, trace
+from normswap.discovery.engine import _Engine, prepare
 from normswap.discovery.instance import probe_inputs
+from normswap.discovery.rehearsal import rehearse
+from normswap.discovery.simulate import Fix
+from normswap.discovery.writers import Effect
 from normswap.errors import UnsupportedArchitectureError
 from normswap.structure import base_and_prefix
 
@@ -75,11 +81,15 @@ def test_conformer_ctc_head_reading_the_last_block():
         assert _rel(model(**probes).logits, ref.logits) < 1e-5
 
 
-def test_writers_outside_the_base_model_attribute_are_kept_in_the_adapter():
+def _dinov3() -> T.DINOv3ViTModel:
     torch.manual_seed(0)
     cfg = T.DINOv3ViTConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                             image_size=32, patch_size=8, layerscale_value=0.5)
-    model = perturb_(T.DINOv3ViTModel(cfg)).eval()
+    return perturb_(T.DINOv3ViTModel(cfg)).eval()
+
+
+def test_writers_outside_the_base_model_attribute_are_kept_in_the_adapter():
+    model = _dinov3()
     assert base_and_prefix(model) == (model, "")  # model.base_model is the encoder, which lacks the embeddings
     adapter = discover_from_config(model.config, type(model)).adapter
     assert {"embeddings.patch_embeddings", "embeddings.cls_token"} <= {w.path for w in adapter.embeddings}
@@ -89,6 +99,32 @@ def test_writers_outside_the_base_model_attribute_are_kept_in_the_adapter():
     assert report.passed, report.verification.summary()
     with torch.no_grad():
         assert _rel(model(**probes).last_hidden_state, ref.last_hidden_state) < 1e-5
+
+
+def test_layer_scale_folds_into_a_writer_already_found_invisible():
+    # TIPSv2-DPT: a writer whose own mean no output sees (below the float32 norms' tolerance) was centred without
+    # the LayerScale after it, so the stream after block 0 moved beyond its mean. The scale must fold all the same.
+    work = prepare(_dinov3())
+    probes = probe_inputs(work)
+    engine = _Engine(work, probes, 0)
+    engine.ref = trace(work, probes, keep_args=True)
+    writer, scale = "model.layer.0.attention.o_proj", "model.layer.0.layer_scale1"
+    effects = {n: Effect(n, "module") for n in (writer, scale)}  # both invisible on their own
+    fixes, _ = engine._affine_fixes(effects, set())
+    assert fixes == [Fix(writer, "linear", scale=f"{scale}.lambda1")]
+
+
+def test_rehearsal_compares_block_streams_beyond_their_mean():
+    # The safety net for any such miss: the rehearsal holds the block streams to what verification checks.
+    work = prepare(_dinov3())
+    probes = probe_inputs(work)
+    ref = trace(work, probes, keep_args=True)
+    adapter = discover_from_config(work.config, type(work)).adapter
+    assert rehearse(work, probes, ref, adapter, 1e-8, 1e-6).ok
+    unscaled = dataclasses.replace(adapter, block_writers=tuple(dataclasses.replace(w, scale=None)
+                                                                for w in adapter.block_writers))
+    moved = rehearse(work, probes, ref, unscaled, 1e-8, 1e-6).visible
+    assert any(v.startswith("the stream after model.layer.0 beyond its mean") for v in moved), moved
 
 
 def test_layernorm_of_another_form_is_refused_before_conversion():

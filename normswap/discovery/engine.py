@@ -179,8 +179,9 @@ class _Engine:
                 continue
             for writer, scale in find_layer_scale(self.model, self.ref, e.name):
                 self.scaled.add(e.name)
-                if writer in fixed:
+                if writer in fixed:  # invisible on its own too (no output reads its stream): the scale still folds
                     feeds[writer] |= e.feeds
+                    fixes = [Fix(f.name, f.layout, scale) if f.name == writer and f.scale is None else f for f in fixes]
                     continue
                 fixes.append(Fix(writer, affine_layout(self.modules[writer]), scale=scale))  # type: ignore[arg-type]
                 fixed.add(writer)

@@ -48,8 +48,9 @@ class Settled:
 
 @dataclass
 class Rehearsal:
-    """What converting the instance with an adapter did: norms swapped exactly whose input kept a mean, outputs that
-    moved (``visible``) or moved along ones (``raw``: the stream itself), or the error that stopped it."""
+    """What converting the instance with an adapter did: norms swapped exactly whose input kept a mean, what moved
+    (``visible``: outputs, and block streams that moved beyond their mean, as verification compares them), outputs
+    that moved along ones (``raw``: the stream itself), or the error that stopped it."""
 
     bad_norms: dict[str, float] = field(default_factory=dict)
     visible: list[str] = field(default_factory=list)
@@ -141,13 +142,27 @@ def rehearse(model: nn.Module, probes: dict, ref: Trace, adapter: Adapter, tol: 
         untie_head_(sim)
         center_writers_(plan.writers)
         swap_norms_(sim, [n for n in plan.norms if n.exact])  # post-LN norms are approximate: not rehearsed
-        tr = trace(sim, probes, names={n.name for n in plan.norms})
+        blocks = [f"{lst}.{i}" for lst, size in plan.structure.block_lists.items() for i in range(size)]
+        tr = trace(sim, probes, names={n.name for n in plan.norms} | set(blocks))
     except Exception as exc:  # noqa: BLE001 - the conversion itself would fail: no claim can be made
         return Rehearsal(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     ratios = norm_ratios(tr, [n.name for n in plan.norms if n.exact])
     visible, raw = output_effect(ref.outputs, tr.outputs, tol)
+    visible = [f"the output {n}" for n in visible] + [f"the stream after {b} beyond its mean ({d:.1e})"
+                                                      for b in blocks if (d := _beyond_mean(ref, tr, b)) > tol]
     axes = {ones_axis(tr.outputs[n] - ref.outputs[n], tol) for n in raw}
     return Rehearsal({n: r for n, r in ratios.items() if r > ratio}, visible, raw, stream_axis=1 if axes == {1} else -1)
+
+
+def _beyond_mean(ref: Trace, new: Trace, block: str) -> float:
+    """How far a block's output stream moved other than along ones (relative), over its hidden axis: the last, or
+    the channels of a 4-d stream; 0 when the block did not run or returns no stream."""
+    a, b = ref.calls.get(block), new.calls.get(block)
+    if not a or not b or a[0].out is None or b[0].out is None or a[0].out.shape != b[0].out.shape:
+        return 0.0
+    diff, scale = b[0].out - a[0].out, max(float(a[0].out.abs().max()), 1e-30)
+    axes = (-1, 1) if diff.dim() == 4 else (-1,)
+    return min(float((diff - diff.mean(axis, keepdim=True)).abs().max()) / scale for axis in axes)
 
 
 def _role(name: str, lists: dict[str, int]) -> tuple[str | None, str]:
@@ -215,7 +230,7 @@ def _settle(model: nn.Module, probes: dict, ref: Trace, model_type: str, fixes: 
             break
         if rh.visible and not rh.bad_norms and any(f.status == "approximate" for f in findings):
             # Post-LN: the conversion is approximate and measures its damage; no exact claim rests on the outputs.
-            notes.append(f"converting the small instance (approximate norms left as they are) moves the output "
+            notes.append(f"converting the small instance (approximate norms left as they are) moves "
                          f"{rh.visible[0]}: the approximate conversion's damage includes it")
             break
         if rh.bad_norms:
@@ -226,7 +241,7 @@ def _settle(model: nn.Module, probes: dict, ref: Trace, model_type: str, fixes: 
         if extra:
             fixes = _drop_roles(model, probes, fixes, findings, extra, rh.visible[0], lists, ratio)
             continue
-        _keep_all(findings, f"converting the small instance with the discovered adapter moves the output "
+        _keep_all(findings, f"converting the small instance with the discovered adapter moves "
                             f"{rh.visible[0]}: discovery cannot explain this model's stream, so no norm is "
                             "converted on a guess")
     else:  # pragma: no cover - every round keeps at least one norm or repairs one role, so the loop ends first
@@ -290,7 +305,7 @@ def _drop_roles(model: nn.Module, probes: dict, fixes: list[Fix], findings: list
     ratios = norm_ratios(tr, exact)
     first = extra[0].name
     why = (f"its stream is written by {_role(first, lists)[1]}, a role of every block, but centring it in {first} "
-           f"moves the output {output} (it is not a writer there): one role cannot say so")
+           f"moves {output} (it is not a writer there): one role cannot say so")
     hit = False
     for f in findings:
         if f.status == "exact" and ratios.get(f.name, 0.0) > ratio:
