@@ -251,3 +251,23 @@ def test_discovery_of_a_large_config_is_fast():
     found = discover_from_config(cfg, T.MptForCausalLM)
     assert found.seconds < 10
     assert found.adapter.blocks == "blocks" and all(n.status == "exact" for n in found.norms)
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_a_norm_whose_input_mean_dwarfs_its_spread_is_still_found(offset):
+    """CvT's wide stages feed LayerNorms an input whose mean (~500) is fifty times its spread; scaling the probe
+    input by its rms left the spread at 0.2, where eps moves the scale test and the norm went unrecognised."""
+    from normswap.discovery.capture import Call
+    from normswap.discovery.norms import classify_call
+
+    gen = torch.Generator().manual_seed(0)
+    ln = nn.LayerNorm(H, dtype=torch.float64)
+    # An RMSNorm on the same input: scale-invariant, not shift-invariant.
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    rmsnorm = LlamaRMSNorm(H, eps=1e-6).double()
+    x = 0.2 * torch.randn(2, 5, H, generator=gen, dtype=torch.float64) + offset
+    for module, kind in ((ln, "layernorm"), (rmsnorm, "rmsnorm")):
+        with torch.no_grad():
+            call = Call(args=(x,), kwargs={}, inp=x, out=module(x), start=0)
+        found = classify_call(module, call, torch.Generator().manual_seed(1))
+        assert found is not None and found[0] == kind

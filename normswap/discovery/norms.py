@@ -19,7 +19,7 @@ from normswap.discovery.capture import Call, Trace, first_tensor, same
 #: Relative tolerance of the shift test. A float64 LayerNorm ignores a shift up to rounding (~1e-15), but some
 #: classes compute in float32 whatever their input (CohereLayerNorm, OlmoLayerNorm: ~1e-7); an RMSNorm moves by O(1).
 SHIFT_TOL = 1e-5
-#: Relative tolerance of the scale test: eps makes it approximate; inputs are first brought to rms 10.
+#: Relative tolerance of the scale test: eps makes it approximate; inputs are first brought to a spread of 10.
 SCALE_TOL = 1e-4
 
 
@@ -54,8 +54,13 @@ def classify_call(module: nn.Module, call: Call, gen: torch.Generator) -> tuple[
     rms = x.pow(2).mean(-1, keepdim=True).sqrt()
     if float(rms.min()) == 0.0:
         return None
+    # Unit-free input, so that eps has no say in the scale test: each token is divided by its spread about its mean
+    # (its rms where it has none). Dividing by the rms alone leaves the spread tiny where the mean dwarfs it (CvT's
+    # wide stages: mean ~500, spread ~10), and eps then moved a LayerNorm's output enough to hide it.
+    spread = (x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True).sqrt()
+    unit = torch.where(spread > 1e-6 * rms, spread, rms)
     try:
-        base_x = x / rms * 10.0  # unit-free input: eps has no say in the scale test
+        base_x = x / unit * 10.0
         base = _rerun(module, call, base_x)
         if base is None or base.shape != x.shape:
             return None
