@@ -46,6 +46,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b).abs().max() / b.abs().max())
 
 
+def _convert_and_compare(model, field: str) -> tuple:
+    """Convert ``model`` in place (verification must pass) and return (converted, float64 reference) ``field``."""
+    probes = probe_inputs(model)
+    ref = _reference(model, probes)
+    report = normswap.convert_(model, probes=probes)
+    assert report.passed, report.verification.summary()
+    with torch.no_grad():
+        return getattr(model(**probes), field), getattr(ref, field), report
+
+
 def _parakeet_encoder_config(layers: int = 3) -> T.ParakeetEncoderConfig:
     return T.ParakeetEncoderConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                                    num_key_value_heads=4, intermediate_size=96, num_mel_bins=16,
@@ -55,13 +65,8 @@ def _parakeet_encoder_config(layers: int = 3) -> T.ParakeetEncoderConfig:
 def test_conformer_last_block_norm_out_keeps_the_output():
     torch.manual_seed(0)
     model = perturb_(T.ParakeetEncoder(_parakeet_encoder_config())).eval()
-    probes = probe_inputs(model)
-    ref = _reference(model, probes)
-    report = normswap.convert_(model, probes=probes)
-    assert report.passed, report.verification.summary()
-    with torch.no_grad():
-        out = model(**probes).last_hidden_state
-    assert _rel(out, ref.last_hidden_state) < 1e-5  # the output itself, not its mean-removed version
+    out, ref, report = _convert_and_compare(model, "last_hidden_state")
+    assert _rel(out, ref) < 1e-5  # the output itself, not its mean-removed version
     adapter = discover_from_config(model.config, type(model)).adapter
     assert Writer("", "recenter_input") in adapter.block_writers  # every block re-centres its input ...
     assert not next(n for n in adapter.block_norms if n.path == "norm_out").writes_stream  # ... not norm_out
@@ -73,12 +78,8 @@ def test_conformer_ctc_head_reading_the_last_block():
     torch.manual_seed(0)
     cfg = T.ParakeetCTCConfig(vocab_size=40, encoder_config=_parakeet_encoder_config(2).to_dict())
     model = perturb_(T.ParakeetForCTC(cfg)).eval()
-    probes = probe_inputs(model)
-    ref = _reference(model, probes)
-    report = normswap.convert_(model, probes=probes)
-    assert report.passed, report.verification.summary()
-    with torch.no_grad():
-        assert _rel(model(**probes).logits, ref.logits) < 1e-5
+    out, ref, _ = _convert_and_compare(model, "logits")
+    assert _rel(out, ref) < 1e-5
 
 
 def _dinov3() -> T.DINOv3ViTModel:
@@ -93,12 +94,8 @@ def test_writers_outside_the_base_model_attribute_are_kept_in_the_adapter():
     assert base_and_prefix(model) == (model, "")  # model.base_model is the encoder, which lacks the embeddings
     adapter = discover_from_config(model.config, type(model)).adapter
     assert {"embeddings.patch_embeddings", "embeddings.cls_token"} <= {w.path for w in adapter.embeddings}
-    probes = probe_inputs(model)
-    ref = _reference(model, probes)
-    report = normswap.convert_(model, probes=probes)
-    assert report.passed, report.verification.summary()
-    with torch.no_grad():
-        assert _rel(model(**probes).last_hidden_state, ref.last_hidden_state) < 1e-5
+    out, ref, _ = _convert_and_compare(model, "last_hidden_state")
+    assert _rel(out, ref) < 1e-5
 
 
 def test_layer_scale_folds_into_a_writer_already_found_invisible():
@@ -165,13 +162,8 @@ def test_channels_first_raw_stream_output_is_named_and_compared_over_its_channel
     model = perturb_(T.VitDetModel(cfg)).eval()
     adapter = discover_from_config(model.config, type(model)).adapter
     assert adapter.raw_stream_outputs == ("last_hidden_state",) and adapter.stream_axis == 1
-    probes = probe_inputs(model)
-    ref = _reference(model, probes).last_hidden_state
-    report = normswap.convert_(model, probes=probes)
-    assert report.passed, report.verification.summary()
+    out, ref, report = _convert_and_compare(model, "last_hidden_state")
     assert report.verification.raw_stream_outputs == ["last_hidden_state"]
-    with torch.no_grad():
-        out = model(**probes).last_hidden_state
     assert _rel(out, ref - ref.mean(1, keepdim=True)) < 1e-5
     assert _rel(out, ref) > 1e-3  # the mean it lost is not rounding
 
