@@ -102,3 +102,26 @@ def test_vlm_default_config_without_an_image_token_gets_one():
     assert cfg.image_token_index is None
     small = tiny_config(cfg)
     assert isinstance(small.image_token_index, int) and small.image_token_index < small.text_config.vocab_size
+
+
+def test_optional_image_attention_mask_is_only_an_alternative_layout():
+    """FLAVA takes an optional ``image_attention_mask`` over its patches and 4-d pixels; IDEFICS needs one per token
+    and image with 5-d pixels. The name alone cannot tell them apart, so the plain layout is tried first."""
+    cfg = _config(image_size=32, patch_size=8, num_channels=3, vocab_size=50)
+
+    class FlavaLike(_Toy):
+        def forward(self, input_ids=None, pixel_values=None, image_attention_mask=None):
+            batch, channels, height, width = pixel_values.shape  # 5-d pixels would fail here
+            assert image_attention_mask is None
+            return pixel_values.sum()
+
+    class IdeficsLike(_Toy):
+        def forward(self, input_ids=None, pixel_values=None, image_attention_mask=None):
+            batch, images = pixel_values.shape[:2]
+            assert pixel_values.dim() == 5 and image_attention_mask.shape == (*input_ids.shape, images)
+            return pixel_values.sum()
+
+    flava = probe_inputs(FlavaLike(cfg, main="pixel_values"))
+    assert flava["pixel_values"].dim() == 4 and "image_attention_mask" not in flava
+    idefics = probe_inputs(IdeficsLike(cfg, main="pixel_values"))
+    assert idefics["pixel_values"].dim() == 5 and "image_attention_mask" in idefics

@@ -113,14 +113,19 @@ def named_probes(model: nn.Module, config, probes: dict, *, batch: int, seq_len:
                 frames = feats.shape[-1] if feats.dim() == 3 and feats.shape[-1] > feats.shape[-2] else feats.shape[1]
                 out[name] = torch.ones(batch, frames, dtype=torch.long)
     pixels = probes.get("pixel_values")
-    if want("image_attention_mask") and isinstance(pixels, torch.Tensor):  # which images each token may attend
-        if pixels.dim() == 4:
-            out["pixel_values"] = pixels = pixels[:, None]
-        out["image_attention_mask"] = torch.ones(batch, seq, pixels.shape[1], dtype=torch.long)
+    if want("image_attention_mask") and "image_attention_mask" in required and isinstance(pixels, torch.Tensor):
+        out.update(_with_image_attention_mask(pixels, batch, seq))  # optional: only an alternative layout (below)
     if want("aspect_ratio_ids") and "pixel_values" in probes:  # Mllama: one tile per image
         out["aspect_ratio_ids"] = torch.ones(batch, 1, dtype=torch.long)
         out["aspect_ratio_mask"] = torch.ones(batch, 1, 1, dtype=torch.long)
     return out
+
+
+def _with_image_attention_mask(pixels: torch.Tensor, batch: int, seq: int) -> dict:
+    """IDEFICS-style image inputs: ``[batch, images, C, H, W]`` pixels and which images each token may attend."""
+    if pixels.dim() == 4:
+        pixels = pixels[:, None]
+    return {"pixel_values": pixels, "image_attention_mask": torch.ones(batch, seq, pixels.shape[1], dtype=torch.long)}
 
 
 def _reshape(probes: dict, key: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict | None:
@@ -133,9 +138,17 @@ def _reshape(probes: dict, key: str, fn: Callable[[torch.Tensor], torch.Tensor])
         return None
 
 
-def alternatives(probes: dict, config) -> list[dict]:
-    """Other layouts of the same inputs, for models whose forward reads them differently (tried in order)."""
+def alternatives(probes: dict, config, params: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    """Other layouts of the same inputs, for models whose forward reads them differently (tried in order).
+
+    ``params`` are the forward's argument names: an optional ``image_attention_mask`` is only tried here, since its
+    meaning differs between models (IDEFICS: images per token, with 5-d pixels; FLAVA: a mask over patches)."""
     out: list[dict | None] = []
+    pixels = probes.get("pixel_values")
+    ids = probes.get("input_ids")
+    if ("image_attention_mask" in params and "image_attention_mask" not in probes and isinstance(pixels, torch.Tensor)
+            and isinstance(ids, torch.Tensor)):
+        out.append({**probes, **_with_image_attention_mask(pixels, ids.shape[0], ids.shape[1])})
     values = probes.get("input_values")
     if isinstance(values, torch.Tensor) and values.dim() == 2:  # raw audio: mono channel first
         out.append(_reshape(probes, "input_values", lambda v: v[:, None, :]))
@@ -144,7 +157,6 @@ def alternatives(probes: dict, config) -> list[dict]:
         out.append(_reshape(probes, "input_features", lambda v: v[:, None]))
         out.append(_reshape(probes, "input_features", lambda v: v.transpose(1, 2)))
     grid = probes.get("grid_thw", probes.get("image_grid_thw"))
-    pixels = probes.get("pixel_values")
     if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:  # one image per sample, as [batch, images, C, H, W]
         out.append(_reshape(probes, "pixel_values", lambda v: v[:, None]))
     for key in ("pixel_values", "hidden_states"):

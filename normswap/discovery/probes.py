@@ -213,5 +213,5 @@ def probe_inputs(model: nn.Module, config=None, *, batch: int = 2, seq_len: int 
         patch = patch[0] if isinstance(patch, (list, tuple)) else patch
         probes["noise"] = torch.rand(batch, (h // patch) * (w // patch), generator=gen, dtype=dtype)
     probes.update(named_probes(model, config, probes, batch=batch, seq_len=seq_len, gen=gen, dtype=dtype))
-    others = alternatives(probes, config)
+    others = alternatives(probes, config, params)
     return first_runnable(model, [probes, *others]) if others else probes
