@@ -273,6 +273,28 @@ def test_ctrl_c_inside_a_lazy_library_import_is_still_an_interrupt(monkeypatch, 
     assert code == 130 and err.strip().splitlines() == ["normswap: interrupted; no output was written."]
 
 
+@pytest.mark.parametrize("swallowed_as", ["nothing", "recursion"])
+def test_a_real_sigint_that_a_library_swallows_is_still_an_interrupt(monkeypatch, capsys, swallowed_as):
+    """An import cut short by Ctrl-C can be swallowed (``except ImportError: pass``) or leave a half-initialised
+    module whose later error no longer carries the KeyboardInterrupt: both seen under load. Exit 130 all the same."""
+    import normswap.cli.inspect as inspect_cli
+
+    def swallowing_import(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the real signal, through the handler main installs
+            time.sleep(1)
+        except KeyboardInterrupt:
+            if swallowed_as == "recursion":
+                raise RecursionError("maximum recursion depth exceeded") from None
+        return 0
+
+    monkeypatch.setattr(inspect_cli, "run", swallowing_import)
+    code, _, err = run_cli(["inspect"], capsys)
+    assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "interrupted" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main put the default handler back
+
+
 @pytest.mark.parametrize("delay", [0.3, 1.5])
 def test_a_real_sigint_during_startup_leaves_no_traceback(delay):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

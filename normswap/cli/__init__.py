@@ -13,7 +13,9 @@ import importlib
 import logging
 import os
 import pkgutil
+import signal
 import sys
+import threading
 from typing import NoReturn, TextIO
 
 from normswap._version import __version__
@@ -111,9 +113,22 @@ def run_command(args: argparse.Namespace) -> int:
         return _error(NormswapError(f"{full}; {hint}" if hint else str(full)))
 
 
+#: Set by the SIGINT handler :func:`main` installs: an import cut short by Ctrl-C can leave a module half
+#: initialised, and the error that surfaces later (a RecursionError, a ModuleNotFoundError) may not carry the
+#: KeyboardInterrupt in its chain at all.
+_CTRL_C = threading.Event()
+
+
+def _on_sigint(signum: int, frame) -> None:
+    _CTRL_C.set()
+    raise KeyboardInterrupt
+
+
 def caused_by_ctrl_c(exc: BaseException) -> bool:
     """Whether Ctrl-C is behind ``exc``: transformers' lazy imports re-raise an interrupted import as
-    ``ModuleNotFoundError`` (the KeyboardInterrupt is its cause)."""
+    ``ModuleNotFoundError`` (the KeyboardInterrupt is its cause), or the user pressed Ctrl-C during this run."""
+    if _CTRL_C.is_set():
+        return True
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):
@@ -178,17 +193,33 @@ def _interactive() -> bool:
 def _no_library_progress_bars() -> None:
     """Loading/saving bars are for a person at a terminal; in a log or a pipe they are noise around the one line
     that matters (an error, or the result)."""
-    try:
-        import transformers.utils.logging as tf_logging
-        from huggingface_hub.utils import disable_progress_bars
+    # No ``except ImportError`` here: both ship with transformers, and transformers re-raises an import cut short
+    # by Ctrl-C as an ImportError, which swallowing let the command run on to exit 0 after the user interrupted it.
+    import transformers.utils.logging as tf_logging
+    from huggingface_hub.utils import disable_progress_bars
 
-        tf_logging.disable_progress_bar()
-        disable_progress_bars()
-    except ImportError:  # pragma: no cover - both ship with transformers
-        pass
+    tf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:
+    _CTRL_C.clear()
+    own_handler = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if own_handler:  # an application's own handler is left alone
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        code = _main(argv)
+        if code == 0 and _CTRL_C.is_set():  # a library swallowed the interrupt and the command ran on
+            print("normswap: interrupted (Ctrl-C was pressed during the run; check what it wrote)", file=sys.stderr)
+            return 130
+        return code
+    finally:
+        if own_handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         parser = build_parser()  # imports torch and transformers: Ctrl-C here is still caught below
         args = parser.parse_args(argv)
