@@ -36,15 +36,17 @@ _LAYER_KEYS = (
     "num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers",
     "num_encoder_layers", "num_decoder_layers", "vision_layers", "text_layers", "depth", "n_layers_text",
     "num_text_layers", "num_vision_layers", "encoder_num_layers", "decoder_num_layers", "num_blocks", "layers",
+    "pred_num_hidden_layers",  # V-JEPA 2's predictor: a second transformer with its own sizes
 )
 _HIDDEN_KEYS = (
     "hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim", "width", "model_dim", "d_embed",
     "encoder_hidden_size", "decoder_hidden_size", "text_embed_dim", "vision_embed_dim", "embedding_size",
-    "word_embed_proj_dim", "projection_dim", "proj_dim", "emb_dim",
+    "word_embed_proj_dim", "projection_dim", "proj_dim", "emb_dim", "pred_hidden_size",
 )
 _HEAD_KEYS = (
     "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads",
     "n_heads", "attention_heads", "encoder_num_attention_heads", "decoder_num_attention_heads", "linear_num_heads",
+    "pred_num_attention_heads",
 )
 _KV_KEYS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
             "num_key_value_groups")
@@ -184,7 +186,8 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
                    ("spec_size", 64),  # CLAP's audio tower resizes the mel bins to a spec_size² image
                    ("attention_window", 16),  # Longformer/LED pad every input to a multiple of the window (512)
                    ("max_length", 64), ("num_queries", 8),  # DETR queries: top-k of the small image's tokens
-                   ("latent_query_num", 8)):  # Kosmos-2(.5): learned queries pooling the image (2048 by default)
+                   ("latent_query_num", 8),  # Kosmos-2(.5): learned queries pooling the image (2048 by default)
+                   ("num_frames", 4), ("frames_per_clip", 4)):  # video: 4 frames are two tubelets (V-JEPA 2: 64)
         if _is_int(d.get(k)) and d[k] > cap:
             d[k] = cap
     for k in ("conv_dim", "tdnn_dim"):  # audio feature extractors: narrow convs, same kernels and strides
