@@ -30,6 +30,7 @@ ONCE_SLOW = {
     # V-JEPA 2 timed out in the census: 64 frames and a 12-layer, 384-wide predictor (21.5M parameters) not shrunk.
     "vjepa2": (1_000_000, 1_500_000),
     **dict.fromkeys(("chmv2", "tipsv2_dpt", "zoedepth", "clap_audio_model"), (5_000_000, 12_000_000)),
+    "perceiver": (5_000_000, 12_000_000),  # timed out: 1280-wide latents, 26 self-attends (260M parameters)
 }
 
 

@@ -37,11 +37,13 @@ _LAYER_KEYS = (
     "num_encoder_layers", "num_decoder_layers", "vision_layers", "text_layers", "depth", "n_layers_text",
     "num_text_layers", "num_vision_layers", "encoder_num_layers", "decoder_num_layers", "num_blocks", "layers",
     "pred_num_hidden_layers",  # V-JEPA 2's predictor: a second transformer with its own sizes
+    "num_self_attends_per_block",  # Perceiver's latent transformer
 )
 _HIDDEN_KEYS = (
     "hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim", "width", "model_dim", "d_embed",
     "encoder_hidden_size", "decoder_hidden_size", "text_embed_dim", "vision_embed_dim", "embedding_size",
     "word_embed_proj_dim", "projection_dim", "proj_dim", "emb_dim", "pred_hidden_size",
+    "d_latents",
 )
 _HEAD_KEYS = (
     "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads",
@@ -187,7 +189,11 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
                    ("attention_window", 16),  # Longformer/LED pad every input to a multiple of the window (512)
                    ("max_length", 64), ("num_queries", 8),  # DETR queries: top-k of the small image's tokens
                    ("latent_query_num", 8),  # Kosmos-2(.5): learned queries pooling the image (2048 by default)
-                   ("num_frames", 4), ("frames_per_clip", 4)):  # video: 4 frames are two tubelets (V-JEPA 2: 64)
+                   ("num_frames", 4), ("frames_per_clip", 4),  # video: 4 frames are two tubelets (V-JEPA 2: 64)
+                   ("num_latents", 16),  # Perceiver: latent array length (256)
+                   # VITS' waveform decoder and flows: 512 channels upsampled 256× took 75 s a forward in float64
+                   ("upsample_initial_channel", 32), ("duration_predictor_filter_channels", 32),
+                   ("posterior_encoder_num_wavenet_layers", 2)):
         if _is_int(d.get(k)) and d[k] > cap:
             d[k] = cap
     for k in ("conv_dim", "tdnn_dim"):  # audio feature extractors: narrow convs, same kernels and strides
