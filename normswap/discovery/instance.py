@@ -53,12 +53,16 @@ _HEAD_KEYS = (
 _KV_KEYS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
             "num_key_value_groups")
 _HEAD_DIM_KEYS = ("head_dim", "attention_head_dim", "kv_channels", "d_kv", "attention_head_size", "qk_head_dim",
-                  "linear_head_dim")
+                  "linear_head_dim", "d_head")
+#: Widths a sub-config holds of *another* tower (the text model a vision merger projects to, the backbone a head reads):
+#: every tower is shrunk to HIDDEN, so these are too (cross-config validations check that they match).
+_PEER_WIDTH_KEYS = ("out_hidden_size", "text_hidden_size", "audio_hidden_size", "condition_dim")
 _FFN_KEYS = (
     "intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_ff", "mlp_dim",
     "inner_dim", "moe_intermediate_size", "shared_expert_intermediate_size", "intermediate_size_mlp",
     "ffn_hidden_size", "decoder_intermediate_size", "encoder_intermediate_size", "d_inner", "dim_feedforward",
     "encoder_ffn_embed_dim", "decoder_ffn_embed_dim", "expert_intermediate_size", "ff_dim", "projection_intermediate_dim",
+    "moe_shared_expert_intermediate_size",
 )
 _VOCAB_KEYS = ("vocab_size", "n_vocab", "text_vocab_size", "entity_vocab_size")
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_total")
@@ -95,6 +99,8 @@ def _shrink_stages(d: dict, keep: int = 2) -> None:
     for k in _STAGE_KEYS:
         if _is_int(d.get(k)):
             d[k] = n_new
+    if _is_int(d.get("num_query_pool")):  # Hiera: pooling between stages, fewer than the stages
+        d["num_query_pool"] = min(d["num_query_pool"], n_new - 1)
     for k in ("num_heads", "num_attention_heads"):
         if isinstance(d.get(k), list):
             d[k] = [2 * 2**i for i in range(n_new)]
@@ -120,6 +126,11 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
         if isinstance(v, list) and len(v) in layer_olds and len(v) > LAYERS and k != "depths" \
                 and not all(isinstance(x, (dict, list)) for x in v):
             d[k] = _pick_layers(v, LAYERS)
+    if not layer_olds:  # the layer count is only the length of a per-layer kind list (Nemotron-H layers_block_type)
+        for k, v in list(d.items()):
+            if isinstance(k, str) and k.endswith(("layer_types", "layers_block_type")) and isinstance(v, list) \
+                    and v and all(isinstance(x, str) for x in v) and len(v) > LAYERS:
+                d[k] = _pick_layers(v, max(LAYERS, len(set(v))))
     if "attention_types" in d and isinstance(d["attention_types"], list):  # GPT-Neo: [[[kinds], repeat]]
         kinds = sorted({kind for group in d["attention_types"] for kind in group[0]})
         d["attention_types"] = [[kinds, 1]] if len(kinds) == LAYERS else [[kinds, LAYERS // max(len(kinds), 1)]]
@@ -169,6 +180,9 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
                         d[k] = HIDDEN
                     elif isinstance(v, list) and v and all(x == hidden_old and _is_int(x) for x in v):
                         d[k] = [HIDDEN] * len(v)  # one width per level, all the model width (decoder_in_channels)
+    for k in _PEER_WIDTH_KEYS:
+        if _is_int(d.get(k)) and d[k] > HIDDEN:
+            d[k] = HIDDEN
     for k in _FFN_KEYS:
         if _is_int(d.get(k)) and d[k] > INTERMEDIATE:
             d[k] = INTERMEDIATE

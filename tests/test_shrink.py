@@ -1,0 +1,37 @@
+"""Config shrinking rules (normswap.discovery.instance), on toy config dicts: cross-config widths, head widths,
+stage-pooling counts and per-layer kind lists stay consistent after the small copy is made."""
+
+from __future__ import annotations
+
+from normswap.discovery.instance import HIDDEN, INTERMEDIATE, _shrink_tree
+
+
+def _shrunk(d: dict) -> dict:
+    _shrink_tree(d, {}, 2)
+    return d
+
+
+def test_a_width_of_another_tower_follows_that_tower():
+    d = _shrunk({"text_config": {"model_type": "t", "hidden_size": 2048},
+                 "vision_config": {"model_type": "v", "hidden_size": 1024, "out_hidden_size": 2048},
+                 "head_config": {"model_type": "h", "hidden_size": 32, "audio_hidden_size": 512,
+                                 "condition_dim": 768}})
+    assert d["vision_config"]["out_hidden_size"] == d["text_config"]["hidden_size"] == HIDDEN
+    assert d["head_config"]["audio_hidden_size"] == d["head_config"]["condition_dim"] == HIDDEN
+
+
+def test_d_head_times_heads_is_the_model_width():
+    d = _shrunk({"d_model": 1024, "n_head": 16, "d_head": 64})
+    assert d["d_head"] * d["n_head"] == d["d_model"]
+
+
+def test_query_pooling_happens_between_the_kept_stages():
+    d = _shrunk({"depths": [2, 3, 16, 3], "num_heads": [1, 2, 4, 8], "embed_dim": 96, "num_query_pool": 3})
+    assert d["num_query_pool"] < len(d["depths"])
+
+
+def test_a_per_layer_kind_list_without_a_layer_count_keeps_one_layer_of_each_kind():
+    kinds = ["mamba", "moe", "mamba", "attention", "moe"] * 10
+    d = _shrunk({"hidden_size": 2688, "layers_block_type": kinds, "moe_shared_expert_intermediate_size": 3712})
+    assert sorted(d["layers_block_type"]) == ["attention", "mamba", "moe"]
+    assert d["moe_shared_expert_intermediate_size"] <= INTERMEDIATE
