@@ -125,3 +125,28 @@ def test_optional_image_attention_mask_is_only_an_alternative_layout():
     assert flava["pixel_values"].dim() == 4 and "image_attention_mask" not in flava
     idefics = probe_inputs(IdeficsLike(cfg, main="pixel_values"))
     assert idefics["pixel_values"].dim() == 5 and "image_attention_mask" in idefics
+
+
+def test_required_embedded_rows_get_the_width_the_forward_reads_and_a_mask():
+    class Encoder(_Toy):
+        def forward(self, hidden_states, mask, encoder_hidden_states=None):
+            assert hidden_states.shape[-1] == 20 and mask.shape == hidden_states.shape[:2]  # input_dim, not hidden
+            assert encoder_hidden_states is not None and encoder_hidden_states.shape[-1] == 12
+            return hidden_states.sum()
+
+    probes = probe_inputs(Encoder(_config(input_dim=20, hidden_size=8, encoder_hidden_size=12)))
+    assert probes["hidden_states"].shape[-1] == 20 and probes["mask"].dtype == torch.bool
+
+
+def test_language_ids_region_features_and_image_position_mask_are_synthesised():
+    class Multi(_Toy):
+        def forward(self, input_ids, pixel_values=None, lang_ids=None, visual_feats=None, visual_pos=None,
+                    image_embeds_position_mask=None):
+            return input_ids.sum()
+
+    cfg = _config(visual_feat_dim=12, visual_pos_dim=4, latent_query_num=4, image_size=8, num_channels=3)
+    probes = probe_inputs(Multi(cfg))
+    assert probes["lang_ids"].tolist() == [0, 0]
+    assert probes["visual_feats"].shape[-1] == 12 and probes["visual_pos"].shape[-1] == 4
+    mask = probes["image_embeds_position_mask"]
+    assert mask.shape == probes["input_ids"].shape and mask.sum(-1).tolist() == [4, 4]

@@ -35,3 +35,11 @@ def test_a_per_layer_kind_list_without_a_layer_count_keeps_one_layer_of_each_kin
     d = _shrunk({"hidden_size": 2688, "layers_block_type": kinds, "moe_shared_expert_intermediate_size": 3712})
     assert sorted(d["layers_block_type"]) == ["attention", "mamba", "moe"]
     assert d["moe_shared_expert_intermediate_size"] <= INTERMEDIATE
+
+
+def test_per_tower_layer_counts_block_sizes_and_region_features_shrink():
+    d = _shrunk({"hidden_size": 768, "num_attention_heads": 12, "l_layers": 9, "x_layers": 5, "r_layers": 5,
+                 "visual_feat_dim": 2048, "context_size": 200, "dim_head": 128})
+    assert (d["l_layers"], d["x_layers"], d["r_layers"]) == (2, 2, 2)
+    assert d["visual_feat_dim"] <= HIDDEN and d["context_size"] <= 32
+    assert d["dim_head"] * d["num_attention_heads"] == d["hidden_size"]

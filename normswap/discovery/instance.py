@@ -38,6 +38,7 @@ _LAYER_KEYS = (
     "num_text_layers", "num_vision_layers", "encoder_num_layers", "decoder_num_layers", "num_blocks", "layers",
     "pred_num_hidden_layers",  # V-JEPA 2's predictor: a second transformer with its own sizes
     "num_self_attends_per_block",  # Perceiver's latent transformer
+    "l_layers", "x_layers", "r_layers",  # LXMERT: language, cross-modality and vision (region) encoders
 )
 _HIDDEN_KEYS = (
     "hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim", "width", "model_dim", "d_embed",
@@ -53,7 +54,7 @@ _HEAD_KEYS = (
 _KV_KEYS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
             "num_key_value_groups")
 _HEAD_DIM_KEYS = ("head_dim", "attention_head_dim", "kv_channels", "d_kv", "attention_head_size", "qk_head_dim",
-                  "linear_head_dim", "d_head")
+                  "linear_head_dim", "d_head", "dim_head")
 #: Widths a sub-config holds of *another* tower (the text model a vision merger projects to, the backbone a head reads):
 #: every tower is shrunk to HIDDEN, so these are too (cross-config validations check that they match).
 _PEER_WIDTH_KEYS = ("out_hidden_size", "text_hidden_size", "audio_hidden_size", "condition_dim")
@@ -207,7 +208,9 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
                    ("num_latents", 16),  # Perceiver: latent array length (256)
                    # VITS' waveform decoder and flows: 512 channels upsampled 256× took 75 s a forward in float64
                    ("upsample_initial_channel", 32), ("duration_predictor_filter_channels", 32),
-                   ("posterior_encoder_num_wavenet_layers", 2)):
+                   ("posterior_encoder_num_wavenet_layers", 2),
+                   ("visual_feat_dim", 64),  # LXMERT: region features (2048)
+                   ("context_size", 32)):  # Granite Speech: block attention over 200-frame blocks
         if _is_int(d.get(k)) and d[k] > cap:
             d[k] = cap
     for k in ("conv_dim", "tdnn_dim"):  # audio feature extractors: narrow convs, same kernels and strides

@@ -115,9 +115,56 @@ def named_probes(model: nn.Module, config, probes: dict, *, batch: int, seq_len:
     pixels = probes.get("pixel_values")
     if want("image_attention_mask") and "image_attention_mask" in required and isinstance(pixels, torch.Tensor):
         out.update(_with_image_attention_mask(pixels, batch, seq))  # optional: only an alternative layout (below)
+    if want("lang_ids") and ids is not None:  # X-MOD: which language adapter each sample uses
+        out["lang_ids"] = torch.zeros(batch, dtype=torch.long)
+    if want("visual_feats") and _is_int(getattr(config, "visual_feat_dim", None)):  # LXMERT: region features
+        out["visual_feats"] = torch.randn(batch, 8, config.visual_feat_dim, generator=gen, dtype=dtype)
+        if want("visual_pos"):
+            out["visual_pos"] = torch.rand(batch, 8, int(getattr(config, "visual_pos_dim", 4)), generator=gen,
+                                           dtype=dtype)
+    latents = _first(config, "latent_query_num")
+    if want("image_embeds_position_mask") and isinstance(pixels, torch.Tensor) and latents and seq > latents + 1:
+        mask = torch.zeros(batch, seq, dtype=torch.long)  # Kosmos-2: where the image's latent queries go
+        mask[:, 1:1 + latents] = 1
+        out["image_embeds_position_mask"] = mask
     if want("aspect_ratio_ids") and "pixel_values" in probes:  # Mllama: one tile per image
         out["aspect_ratio_ids"] = torch.ones(batch, 1, dtype=torch.long)
         out["aspect_ratio_mask"] = torch.ones(batch, 1, 1, dtype=torch.long)
+    return out
+
+
+#: Forward arguments that take already-embedded rows when a sub-module is run on its own (a Q-Former's queries, an
+#: encoder fed by another tower's features), and the config widths such rows may have, most specific first.
+_EMBED_ARGS = ("hidden_states", "inputs_embeds", "query_embeds", "patch_embeds")
+_EMBED_WIDTHS = ("input_dim", "input_size", "hidden_size", "hidden_dim", "d_model", "embed_dim")
+
+
+def embedding_layouts(model: nn.Module, config, probes: dict, *, batch: int, seq_len: int, gen: torch.Generator,
+                      dtype: torch.dtype) -> list[dict]:
+    """For a forward that *requires* embedded rows (and got no ids or pixels to make them from): ``[batch, seq,
+    width]`` for each width the config names, then short and long sequences, then an image; a required ``mask``
+    covers the rows. The caller keeps the first layout the model runs on."""
+    required = required_params(model)
+    name = next((n for n in _EMBED_ARGS if n in required and n not in probes), None)
+    if name is None:
+        return []
+    widths = list(dict.fromkeys(getattr(config, w) for w in _EMBED_WIDTHS if _is_int(getattr(config, w, None))))
+    shapes = [(batch, n, w) for n in (seq_len, 4 * seq_len) for w in widths]
+    c = int(getattr(config, "in_channels", None) or getattr(config, "num_channels", None) or 3)
+    size = getattr(config, "image_size", None)
+    shapes.append((batch, c, *(2 * [size if _is_int(size) else 32])))
+    shapes.extend((batch, w, 4, 4) for w in widths)  # a patch-embedding conv's output grid
+    cross = getattr(config, "encoder_hidden_size", None)
+    out = []
+    for shape in shapes:
+        layout = {name: torch.randn(*shape, generator=gen, dtype=dtype)}
+        if "encoder_hidden_states" in forward_params(model) and "encoder_hidden_states" not in probes \
+                and _is_int(cross):  # cross-attention layers read another tower's rows
+            layout["encoder_hidden_states"] = torch.randn(batch, seq_len, cross, generator=gen, dtype=dtype)
+        for mask in ("mask", "attention_mask"):
+            if mask in required and mask not in probes and len(shape) == 3:
+                layout[mask] = torch.ones(batch, shape[1], dtype=torch.bool)
+        out.append(layout)
     return out
 
 

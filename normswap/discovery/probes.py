@@ -16,6 +16,7 @@ from torch import nn
 
 from normswap.discovery.probe_args import (
     alternatives,
+    embedding_layouts,
     first_runnable,
     forward_params,
     grid_patches,
@@ -213,5 +214,7 @@ def probe_inputs(model: nn.Module, config=None, *, batch: int = 2, seq_len: int 
         patch = patch[0] if isinstance(patch, (list, tuple)) else patch
         probes["noise"] = torch.rand(batch, (h // patch) * (w // patch), generator=gen, dtype=dtype)
     probes.update(named_probes(model, config, probes, batch=batch, seq_len=seq_len, gen=gen, dtype=dtype))
-    others = alternatives(probes, config, params)
-    return first_runnable(model, [probes, *others]) if others else probes
+    embedded = embedding_layouts(model, config, probes, batch=batch, seq_len=seq_len, gen=gen, dtype=dtype)
+    candidates = [{**probes, **e} for e in embedded] or [probes]
+    others = alternatives(candidates[0], config, params)
+    return first_runnable(model, [*candidates, *others]) if len(candidates) + len(others) > 1 else probes
