@@ -150,3 +150,13 @@ def test_language_ids_region_features_and_image_position_mask_are_synthesised():
     assert probes["visual_feats"].shape[-1] == 12 and probes["visual_pos"].shape[-1] == 4
     mask = probes["image_embeds_position_mask"]
     assert mask.shape == probes["input_ids"].shape and mask.sum(-1).tolist() == [4, 4]
+
+
+def test_required_latents_are_tried_channels_first_and_short():
+    class Decoder(_Toy):
+        def forward(self, latents):
+            assert latents.shape[1] == 24 and latents.shape[2] <= 4  # [batch, width, frames], few frames
+            return latents.sum()
+
+    probes = probe_inputs(Decoder(_config(hidden_size=24), main="latents"))
+    assert probes["latents"].shape == (2, 24, 4)

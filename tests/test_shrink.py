@@ -43,3 +43,9 @@ def test_per_tower_layer_counts_block_sizes_and_region_features_shrink():
     assert (d["l_layers"], d["x_layers"], d["r_layers"]) == (2, 2, 2)
     assert d["visual_feat_dim"] <= HIDDEN and d["context_size"] <= 32
     assert d["dim_head"] * d["num_attention_heads"] == d["hidden_size"]
+
+
+def test_groups_of_the_model_width_follow_it_and_codec_convs_narrow():
+    d = _shrunk({"hidden_size": 512, "upsample_groups": 512, "num_filters": 64, "num_quantizers": 32})
+    assert d["upsample_groups"] == d["hidden_size"] == HIDDEN  # a depthwise conv over the model width
+    assert d["num_filters"] <= 16 and d["num_quantizers"] <= 8

@@ -18,6 +18,7 @@ from torch import nn
 
 from normswap.discovery.model_class import default_model_class
 from normswap.discovery.probes import IMAGE, PATCH, VOCAB, _is_int, _special_ids, probe_inputs
+from normswap.discovery.size_caps import cap_sizes
 from normswap.discovery.stage_widths import shrink_head_widths, shrink_stage_widths, uniform_width_stages
 from normswap.discovery.taps import backbone_taps, follow_widths, retap, stages_to_keep
 
@@ -175,7 +176,7 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
                 d[k] = HIDDEN
         if hidden_old is not None:  # other widths tied to the hidden size (projection_size, text_hidden_size ...)
             for k, v in list(d.items()):
-                if isinstance(k, str) and ("size" in k or "dim" in k or "channels" in k) \
+                if isinstance(k, str) and ("size" in k or "dim" in k or "channels" in k or k.endswith("groups")) \
                         and not any(w in k for w in ("vocab", "position", "image", "patch", "max_", "seq")):
                     if v == hidden_old and _is_int(v) and "channels" not in k:
                         d[k] = HIDDEN
@@ -199,26 +200,7 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
     for k in ("n_shared_experts", "num_shared_experts"):
         if _is_int(d.get(k)) and d[k] > 1:
             d[k] = 1
-    for k, cap in (("max_source_positions", 64), ("num_conv_pos_embeddings", 16), ("num_mel_bins", 16),
-                   ("spec_size", 64),  # CLAP's audio tower resizes the mel bins to a spec_size² image
-                   ("attention_window", 16),  # Longformer/LED pad every input to a multiple of the window (512)
-                   ("max_length", 64), ("num_queries", 8),  # DETR queries: top-k of the small image's tokens
-                   ("latent_query_num", 8),  # Kosmos-2(.5): learned queries pooling the image (2048 by default)
-                   ("num_frames", 4), ("frames_per_clip", 4),  # video: 4 frames are two tubelets (V-JEPA 2: 64)
-                   ("num_latents", 16),  # Perceiver: latent array length (256)
-                   # VITS' waveform decoder and flows: 512 channels upsampled 256× took 75 s a forward in float64
-                   ("upsample_initial_channel", 32), ("duration_predictor_filter_channels", 32),
-                   ("posterior_encoder_num_wavenet_layers", 2),
-                   ("visual_feat_dim", 64),  # LXMERT: region features (2048)
-                   ("context_size", 32)):  # Granite Speech: block attention over 200-frame blocks
-        if _is_int(d.get(k)) and d[k] > cap:
-            d[k] = cap
-    for k in ("conv_dim", "tdnn_dim"):  # audio feature extractors: narrow convs, same kernels and strides
-        if isinstance(d.get(k), list) and all(_is_int(x) for x in d[k]):
-            d[k] = [min(x, 32) for x in d[k]]
-    for k in ("xvector_output_dim", "classifier_proj_size", "codevector_dim", "proj_codevector_dim"):
-        if _is_int(d.get(k)) and d[k] > 32:
-            d[k] = 32
+    cap_sizes(d)
     for k in ("use_pretrained_backbone", "use_timm_backbone"):  # no weights may be fetched
         if d.get(k) is True:
             d[k] = False

@@ -135,21 +135,23 @@ def named_probes(model: nn.Module, config, probes: dict, *, batch: int, seq_len:
 
 #: Forward arguments that take already-embedded rows when a sub-module is run on its own (a Q-Former's queries, an
 #: encoder fed by another tower's features), and the config widths such rows may have, most specific first.
-_EMBED_ARGS = ("hidden_states", "inputs_embeds", "query_embeds", "patch_embeds")
+_EMBED_ARGS = ("hidden_states", "inputs_embeds", "query_embeds", "patch_embeds", "latents")
 _EMBED_WIDTHS = ("input_dim", "input_size", "hidden_size", "hidden_dim", "d_model", "embed_dim")
 
 
 def embedding_layouts(model: nn.Module, config, probes: dict, *, batch: int, seq_len: int, gen: torch.Generator,
                       dtype: torch.dtype) -> list[dict]:
     """For a forward that *requires* embedded rows (and got no ids or pixels to make them from): ``[batch, seq,
-    width]`` for each width the config names, then short and long sequences, then an image; a required ``mask``
-    covers the rows. The caller keeps the first layout the model runs on."""
+    width]`` for each width the config names, then channels-first frames, longer sequences, an image and a
+    patch grid; a required ``mask`` covers the rows. The caller keeps the first layout the model runs on."""
     required = required_params(model)
     name = next((n for n in _EMBED_ARGS if n in required and n not in probes), None)
     if name is None:
         return []
     widths = list(dict.fromkeys(getattr(config, w) for w in _EMBED_WIDTHS if _is_int(getattr(config, w, None))))
-    shapes = [(batch, n, w) for n in (seq_len, 4 * seq_len) for w in widths]
+    shapes = [(batch, seq_len, w) for w in widths]
+    shapes.extend((batch, w, 4) for w in widths)  # channels first: a codec decoder's latent frames (upsampled ~1000x)
+    shapes.extend((batch, 4 * seq_len, w) for w in widths)
     c = int(getattr(config, "in_channels", None) or getattr(config, "num_channels", None) or 3)
     size = getattr(config, "image_size", None)
     shapes.append((batch, c, *(2 * [size if _is_int(size) else 32])))
