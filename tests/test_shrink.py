@@ -49,3 +49,8 @@ def test_groups_of_the_model_width_follow_it_and_codec_convs_narrow():
     d = _shrunk({"hidden_size": 512, "upsample_groups": 512, "num_filters": 64, "num_quantizers": 32})
     assert d["upsample_groups"] == d["hidden_size"] == HIDDEN  # a depthwise conv over the model width
     assert d["num_filters"] <= 16 and d["num_quantizers"] <= 8
+
+
+def test_a_list_of_widths_summing_to_the_model_width_still_sums_to_it():
+    d = _shrunk({"hidden_size": 256, "num_attention_heads": 4, "axial_pos_embds_dim": [64, 192]})
+    assert sum(d["axial_pos_embds_dim"]) == d["hidden_size"] and d["axial_pos_embds_dim"][0] > 0

@@ -182,6 +182,9 @@ def _shrink_one(d: dict, remap: dict[int, int], level: int = 2) -> None:
                         d[k] = HIDDEN
                     elif isinstance(v, list) and v and all(x == hidden_old and _is_int(x) for x in v):
                         d[k] = [HIDDEN] * len(v)  # one width per level, all the model width (decoder_in_channels)
+                    elif isinstance(v, list) and len(v) > 1 and all(_is_int(x) for x in v) and sum(v) == hidden_old:
+                        d[k] = [x * HIDDEN // hidden_old for x in v]  # parts of the width (Reformer's axial dims)
+                        d[k][-1] += HIDDEN - sum(d[k])
     for k in _PEER_WIDTH_KEYS:
         if _is_int(d.get(k)) and d[k] > HIDDEN:
             d[k] = HIDDEN
