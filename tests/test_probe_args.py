@@ -160,3 +160,35 @@ def test_required_latents_are_tried_channels_first_and_short():
 
     probes = probe_inputs(Decoder(_config(hidden_size=24), main="latents"))
     assert probes["latents"].shape == (2, 24, 4)
+
+
+def test_required_image_and_visual_prompt_get_pixel_shaped_inputs():
+    class Tower(_Toy):
+        def forward(self, image):
+            return image.sum()
+
+    probes = probe_inputs(Tower(_config(num_channels=3, image_size=16), main="image"))
+    assert probes["image"].shape == (2, 3, 16, 16)
+
+    class Painter(_Toy):
+        def forward(self, pixel_values, prompt_pixel_values, prompt_masks):
+            return pixel_values.sum()
+
+    probes = probe_inputs(Painter(_config(num_channels=3, image_size=16), main="pixel_values"))
+    assert probes["prompt_pixel_values"].shape == probes["prompt_masks"].shape == probes["pixel_values"].shape
+
+
+def test_required_time_series_and_raw_audio_are_synthesised():
+    class Forecaster(_Toy):
+        def forward(self, past_values, past_values_padding, freq):
+            assert past_values.shape[1] % 8 == 0 and past_values_padding.shape == past_values.shape
+            return past_values.sum()
+
+    probes = probe_inputs(Forecaster(_config(context_length=512, patch_length=8), main="past_values"))
+    assert probes["past_values"].shape == (2, 32) and probes["freq"].shape == (2, 1)
+
+    class AudioText(_Toy):
+        def forward(self, input_ids, input_values):
+            return input_values.sum()
+
+    assert probe_inputs(AudioText(_config()))["input_values"].shape == (2, 4000)

@@ -115,6 +115,28 @@ def named_probes(model: nn.Module, config, probes: dict, *, batch: int, seq_len:
     pixels = probes.get("pixel_values")
     if want("image_attention_mask") and "image_attention_mask" in required and isinstance(pixels, torch.Tensor):
         out.update(_with_image_attention_mask(pixels, batch, seq))  # optional: only an alternative layout (below)
+    if want("image") and "image" in required and not isinstance(pixels, torch.Tensor):  # pixels by another name
+        c = int(getattr(config, "num_channels", None) or 3)
+        size = getattr(config, "image_size", None)
+        size = size if _is_int(size) else 32
+        out["image"] = torch.randn(batch, c, size, size, generator=gen, dtype=dtype)
+    if isinstance(pixels, torch.Tensor):  # a visual prompt beside the image (SegGPT): the same shape
+        for name in required:
+            if name not in probes and name.startswith("prompt_") and ("pixel" in name or "mask" in name):
+                out[name] = torch.rand(pixels.shape, generator=gen, dtype=dtype)
+    if want("past_values") and "past_values" in required:  # time series: a context of whole patches
+        length = _first(config, "context_length", default=32)
+        patch = _first(config, "patch_length", default=1)
+        length = max(patch, min(length, 4 * patch))
+        channels = _first(config, "num_input_channels")
+        shape = (batch, length, channels) if channels else (batch, length)
+        out["past_values"] = torch.randn(*shape, generator=gen, dtype=dtype)
+        if want("past_values_padding"):
+            out["past_values_padding"] = torch.zeros(batch, length, dtype=torch.long)
+        if want("freq"):
+            out["freq"] = torch.zeros(batch, 1, dtype=torch.long)
+    if want("input_values") and "input_values" in required:  # raw audio a multimodal forward also requires
+        out["input_values"] = torch.randn(batch, 4000, generator=gen, dtype=dtype)
     if want("lang_ids") and ids is not None:  # X-MOD: which language adapter each sample uses
         out["lang_ids"] = torch.zeros(batch, dtype=torch.long)
     if want("visual_feats") and _is_int(getattr(config, "visual_feat_dim", None)):  # LXMERT: region features
