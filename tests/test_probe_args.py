@@ -192,3 +192,22 @@ def test_required_time_series_and_raw_audio_are_synthesised():
             return input_values.sum()
 
     assert probe_inputs(AudioText(_config()))["input_values"].shape == (2, 4000)
+
+
+def test_windowed_audio_gets_whole_windows_and_frame_counts():
+    class Windowed(_Toy):
+        def forward(self, input_features, input_features_mask):
+            assert input_features.shape[-1] % (2 * self.config.n_window) == 0
+            return input_features.sum()
+
+    cfg = _config(num_mel_bins=16, n_window=10)
+    probes = probe_inputs(Windowed(cfg, main="input_features"))
+    assert probes["input_features"].shape == (2, 16, 20) and probes["input_features_mask"].shape == (2, 20)
+
+    class SideBySide(_Toy):
+        def forward(self, input_features, feature_lens=None):
+            assert input_features.dim() == 2 and input_features.shape[1] == int(feature_lens.sum())
+            return input_features.sum()
+
+    probes = probe_inputs(SideBySide(cfg, main="input_features"))
+    assert probes["input_features"].shape == (16, 40) and probes["feature_lens"].tolist() == [20, 20]

@@ -112,6 +112,8 @@ def named_probes(model: nn.Module, config, probes: dict, *, batch: int, seq_len:
             if want(name) and name in required:
                 frames = feats.shape[-1] if feats.dim() == 3 and feats.shape[-1] > feats.shape[-2] else feats.shape[1]
                 out[name] = torch.ones(batch, frames, dtype=torch.long)
+        if want("feature_lens") and feats.dim() == 3:  # every sample's frame count (Qwen2.5-Omni's audio tower)
+            out["feature_lens"] = torch.full((batch,), max(feats.shape[1:]), dtype=torch.long)
     pixels = probes.get("pixel_values")
     if want("image_attention_mask") and "image_attention_mask" in required and isinstance(pixels, torch.Tensor):
         out.update(_with_image_attention_mask(pixels, batch, seq))  # optional: only an alternative layout (below)
@@ -227,6 +229,8 @@ def alternatives(probes: dict, config, params: frozenset[str] | set[str] = froze
     if isinstance(feats, torch.Tensor) and feats.dim() == 3:  # spectrogram as a one-channel image
         out.append(_reshape(probes, "input_features", lambda v: v[:, None]))
         out.append(_reshape(probes, "input_features", lambda v: v.transpose(1, 2)))
+        if "feature_lens" in probes:  # every sample's frames side by side: [mel, total frames]
+            out.append(_reshape(probes, "input_features", lambda v: v.permute(1, 0, 2).reshape(v.shape[1], -1)))
     grid = probes.get("grid_thw", probes.get("image_grid_thw"))
     if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:  # one image per sample, as [batch, images, C, H, W]
         out.append(_reshape(probes, "pixel_values", lambda v: v[:, None]))

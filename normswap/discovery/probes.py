@@ -133,6 +133,9 @@ def _audio_features(config, batch: int, gen: torch.Generator, dtype: torch.dtype
         feats = per_channel * int(getattr(ac, "input_channels", None) or 1)
         return torch.randn(batch, 64, feats, generator=gen, dtype=dtype)
     bins = int(getattr(ac, "num_mel_bins", None) or getattr(ac, "feature_size", None) or 80)
+    window = getattr(ac, "n_window", None)
+    if _is_int(window) and window > 0:  # windowed encoders (Qwen3-ASR): frames a whole number of 2·n_window chunks
+        return torch.randn(batch, bins, 2 * window, generator=gen, dtype=dtype)
     if not _is_int(getattr(ac, "max_source_positions", None)):  # conformer-style encoders: [batch, time, mel]
         return torch.randn(batch, 64, bins, generator=gen, dtype=dtype)
     frames = 2 * int(ac.max_source_positions)
