@@ -211,3 +211,12 @@ def test_windowed_audio_gets_whole_windows_and_frame_counts():
 
     probes = probe_inputs(SideBySide(cfg, main="input_features"))
     assert probes["input_features"].shape == (16, 40) and probes["feature_lens"].tolist() == [20, 20]
+
+
+def test_optional_feature_mask_is_tried_when_the_forward_reads_it_anyway():
+    class Encoder(_Toy):
+        def forward(self, input_features, input_features_mask=None):
+            return input_features_mask.sum() + input_features.sum()  # "optional" in the signature only
+
+    probes = probe_inputs(Encoder(_config(num_mel_bins=16, max_source_positions=8), main="input_features"))
+    assert probes["input_features_mask"].shape == (2, 16)

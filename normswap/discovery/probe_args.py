@@ -229,6 +229,10 @@ def alternatives(probes: dict, config, params: frozenset[str] | set[str] = froze
     if isinstance(feats, torch.Tensor) and feats.dim() == 3:  # spectrogram as a one-channel image
         out.append(_reshape(probes, "input_features", lambda v: v[:, None]))
         out.append(_reshape(probes, "input_features", lambda v: v.transpose(1, 2)))
+        for name in ("input_features_mask", "feature_attention_mask"):  # an optional mask the forward still reads
+            if name in params and name not in probes:
+                frames = feats.shape[-1] if feats.shape[-1] > feats.shape[-2] else feats.shape[1]
+                out.append({**probes, name: torch.ones(feats.shape[0], frames, dtype=torch.long)})
         if "feature_lens" in probes:  # every sample's frames side by side: [mel, total frames]
             out.append(_reshape(probes, "input_features", lambda v: v.permute(1, 0, 2).reshape(v.shape[1], -1)))
     grid = probes.get("grid_thw", probes.get("image_grid_thw"))
