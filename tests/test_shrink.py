@@ -54,3 +54,12 @@ def test_groups_of_the_model_width_follow_it_and_codec_convs_narrow():
 def test_a_list_of_widths_summing_to_the_model_width_still_sums_to_it():
     d = _shrunk({"hidden_size": 256, "num_attention_heads": 4, "axial_pos_embds_dim": [64, 192]})
     assert sum(d["axial_pos_embds_dim"]) == d["hidden_size"] and d["axial_pos_embds_dim"][0] > 0
+
+
+def test_explicit_stage_channels_narrow_with_the_stage_widths():
+    d = _shrunk({"depths": [3, 4, 6, 3], "hidden_sizes": [256, 512, 1024, 2048], "stem_channels": [3, 32, 48],
+                 "stage_in_channels": [48, 128, 512, 1024], "stage_out_channels": [128, 512, 1024, 2048],
+                 "out_indices": [2, 3, 4]})
+    assert d["stage_out_channels"][1:] == d["hidden_sizes"][1:]  # the tapped stage outputs are the stage widths
+    assert d["stage_in_channels"][1:] == d["stage_out_channels"][:-1]
+    assert d["stem_channels"][0] == 3 and d["stem_channels"][-1] == d["stage_in_channels"][0]

@@ -107,8 +107,14 @@ def _shrink_stages(d: dict, keep: int = 2) -> None:
         if isinstance(d.get(k), list):
             d[k] = [2 * 2**i for i in range(n_new)]
     if isinstance(d.get("hidden_sizes"), list):
+        old = d["hidden_sizes"]
         base = max(32, 4 * d["num_groups"]) if _is_int(d.get("num_groups")) else 32  # GroupNorm + bottlenecks
-        d["hidden_sizes"] = [base * 2**i for i in range(len(d["hidden_sizes"]))]
+        d["hidden_sizes"] = [base * 2**i for i in range(len(old))]
+        factor = old[-1] // d["hidden_sizes"][-1] if old and _is_int(old[-1]) else 1
+        for k, v in list(d.items()):  # explicit stage/stem channel lists (HGNetV2) narrow by the same factor
+            if factor > 1 and k.startswith(("stage_", "stem_")) and k.endswith("channels") and isinstance(v, list) \
+                    and all(_is_int(x) for x in v):
+                d[k] = [x if (k.startswith("stem_") and i == 0) else max(1, x // factor) for i, x in enumerate(v)]
     if _is_int(d.get("embed_dim")):
         d["embed_dim"] = 16
     if isinstance(d.get("embed_dim"), list):
