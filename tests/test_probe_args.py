@@ -220,3 +220,20 @@ def test_optional_feature_mask_is_tried_when_the_forward_reads_it_anyway():
 
     probes = probe_inputs(Encoder(_config(num_mel_bins=16, max_source_positions=8), main="input_features"))
     assert probes["input_features_mask"].shape == (2, 16)
+
+
+def test_trajectories_and_stacked_audio_frames_are_synthesised():
+    class Agent(_Toy):
+        def forward(self, states=None, actions=None, rewards=None, returns_to_go=None, timesteps=None):
+            assert states.shape[-1] == 5 and actions.shape[-1] == 3 and returns_to_go.shape[-1] == 1
+            return states.sum()
+
+    probes = probe_inputs(Agent(_config(state_dim=5, act_dim=3), main="states"))
+    assert {"states", "actions", "rewards", "returns_to_go", "timesteps"} <= set(probes)
+
+    class Stacked(_Toy):
+        def forward(self, input_features):
+            return input_features.sum()
+
+    probes = probe_inputs(Stacked(_config(feature_size=80, feature_projection_input_dim=160), main="input_features"))
+    assert probes["input_features"].shape[-1] == 160

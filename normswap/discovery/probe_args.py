@@ -139,6 +139,15 @@ def named_probes(model: nn.Module, config, probes: dict, *, batch: int, seq_len:
             out["freq"] = torch.zeros(batch, 1, dtype=torch.long)
     if want("input_values") and "input_values" in required:  # raw audio a multimodal forward also requires
         out["input_values"] = torch.randn(batch, 4000, generator=gen, dtype=dtype)
+    if want("states") and _is_int(getattr(config, "state_dim", None)):  # trajectory models (Decision Transformer)
+        out["states"] = torch.randn(batch, seq, config.state_dim, generator=gen, dtype=dtype)
+        if want("actions") and _is_int(getattr(config, "act_dim", None)):
+            out["actions"] = torch.randn(batch, seq, config.act_dim, generator=gen, dtype=dtype)
+        for name in ("rewards", "returns_to_go"):
+            if want(name):
+                out[name] = torch.randn(batch, seq, 1, generator=gen, dtype=dtype)
+        if want("timesteps"):
+            out["timesteps"] = torch.arange(seq).expand(batch, seq).clone()
     if want("lang_ids") and ids is not None:  # X-MOD: which language adapter each sample uses
         out["lang_ids"] = torch.zeros(batch, dtype=torch.long)
     if want("visual_feats") and _is_int(getattr(config, "visual_feat_dim", None)):  # LXMERT: region features

@@ -132,6 +132,9 @@ def _audio_features(config, batch: int, gen: torch.Generator, dtype: torch.dtype
     if _is_int(per_channel):
         feats = per_channel * int(getattr(ac, "input_channels", None) or 1)
         return torch.randn(batch, 64, feats, generator=gen, dtype=dtype)
+    stacked = getattr(ac, "feature_projection_input_dim", None)
+    if _is_int(stacked):  # stacked frames projected in (w2v-BERT): [batch, frames, that width]
+        return torch.randn(batch, 64, stacked, generator=gen, dtype=dtype)
     bins = int(getattr(ac, "num_mel_bins", None) or getattr(ac, "feature_size", None) or 80)
     window = getattr(ac, "n_window", None)
     if _is_int(window) and window > 0:  # windowed encoders (Qwen3-ASR): frames a whole number of 2·n_window chunks
