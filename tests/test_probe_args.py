@@ -237,3 +237,14 @@ def test_trajectories_and_stacked_audio_frames_are_synthesised():
 
     probes = probe_inputs(Stacked(_config(feature_size=80, feature_projection_input_dim=160), main="input_features"))
     assert probes["input_features"].shape[-1] == 160
+
+
+def test_an_image_pair_layout_is_tried_for_matchers():
+    class Matcher(_Toy):
+        def forward(self, pixel_values):
+            if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
+                raise ValueError("Input must be a 5D tensor of shape (batch_size, 2, num_channels, height, width)")
+            return pixel_values.sum()
+
+    probes = probe_inputs(Matcher(_config(image_size=16, num_channels=3), main="pixel_values"))
+    assert probes["pixel_values"].shape == (2, 2, 3, 16, 16)

@@ -247,6 +247,7 @@ def alternatives(probes: dict, config, params: frozenset[str] | set[str] = froze
     grid = probes.get("grid_thw", probes.get("image_grid_thw"))
     if isinstance(pixels, torch.Tensor) and pixels.dim() == 4:  # one image per sample, as [batch, images, C, H, W]
         out.append(_reshape(probes, "pixel_values", lambda v: v[:, None]))
+        out.append(_reshape(probes, "pixel_values", lambda v: torch.stack([v, v.flip(-1)], 1)))  # an image pair
     for key in ("pixel_values", "hidden_states"):
         if isinstance(probes.get(key), torch.Tensor) and probes[key].dim() == 2 and isinstance(grid, torch.Tensor):
             out.extend(_patch_layouts(probes, key, config, grid))
