@@ -63,3 +63,10 @@ def test_explicit_stage_channels_narrow_with_the_stage_widths():
     assert d["stage_out_channels"][1:] == d["hidden_sizes"][1:]  # the tapped stage outputs are the stage widths
     assert d["stage_in_channels"][1:] == d["stage_out_channels"][:-1]
     assert d["stem_channels"][0] == 3 and d["stem_channels"][-1] == d["stage_in_channels"][0]
+
+
+def test_encoder_and_decoder_kv_heads_divide_their_heads():
+    d = _shrunk({"hidden_size": 288, "encoder_num_attention_heads": 8, "decoder_num_attention_heads": 8,
+                 "encoder_num_key_value_heads": 8, "decoder_num_key_value_heads": 8})
+    for side in ("encoder", "decoder"):
+        assert d[f"{side}_num_attention_heads"] % d[f"{side}_num_key_value_heads"] == 0

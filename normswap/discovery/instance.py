@@ -53,7 +53,7 @@ _HEAD_KEYS = (
     "pred_num_attention_heads",
 )
 _KV_KEYS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
-            "num_key_value_groups")
+            "num_key_value_groups", "encoder_num_key_value_heads", "decoder_num_key_value_heads")
 _HEAD_DIM_KEYS = ("head_dim", "attention_head_dim", "kv_channels", "d_kv", "attention_head_size", "qk_head_dim",
                   "linear_head_dim", "d_head", "dim_head")
 #: Widths a sub-config holds of *another* tower (the text model a vision merger projects to, the backbone a head reads):
