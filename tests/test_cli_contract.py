@@ -273,6 +273,10 @@ def test_ctrl_c_inside_a_lazy_library_import_is_still_an_interrupt(monkeypatch, 
     assert code == 130 and err.strip().splitlines() == ["normswap: interrupted; no output was written."]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("swallowed_as", ["nothing", "recursion"])
 def test_a_real_sigint_that_a_library_swallows_is_still_an_interrupt(monkeypatch, capsys, swallowed_as):
     """An import cut short by Ctrl-C can be swallowed (``except ImportError: pass``) or leave a half-initialised
@@ -289,10 +293,15 @@ def test_a_real_sigint_that_a_library_swallows_is_still_an_interrupt(monkeypatch
         return 0
 
     monkeypatch.setattr(inspect_cli, "run", swallowing_import)
-    code, _, err = run_cli(["inspect"], capsys)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, whatever this run inherited
+    try:
+        code, _, err = run_cli(["inspect"], capsys)
+        handler_after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "interrupted" in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main put the default handler back
+    assert handler_after is signal.default_int_handler  # main put the default handler back
 
 
 @pytest.mark.parametrize("delay", [0.3, 1.5])
@@ -300,7 +309,10 @@ def test_a_real_sigint_during_startup_leaves_no_traceback(delay):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = ("import sys, normswap.cli; print('ready', flush=True); "
               "sys.exit(normswap.cli.main(['inspect']))")
+    # The child starts with Ctrl-C's default action even when this run inherited SIGINT ignored (a background job
+    # of a non-interactive shell does): Python then installs its KeyboardInterrupt handler, as at a terminal.
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            preexec_fn=_default_sigint,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(delay)  # inside main now, which spends seconds importing torch and transformers
