@@ -128,7 +128,23 @@ def _tied_head(model: nn.Module) -> bool:
         return False
     if out.weight is inp.weight:
         return True
+    # A head tied to another table than the one ``get_input_embeddings`` names (an encoder-decoder's head shares
+    # the decoder's embedding): centring that table would centre the head with it.
+    if sum(p is out.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
+        return True
     return out.weight.device.type != "meta" and out.weight.data_ptr() == inp.weight.data_ptr()
+
+
+def _configs(config) -> list:
+    """``config`` and every config nested in it (an encoder-decoder's ``decoder``, a VLM's ``text_config``)."""
+    found, todo = {}, [config]
+    while todo:
+        cfg = todo.pop()
+        if id(cfg) in found:
+            continue
+        found[id(cfg)] = cfg
+        todo += [v for v in vars(cfg).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")]
+    return list(found.values())
 
 
 def build_plan(model: nn.Module, adapter: Adapter, approximate: bool = False) -> Plan:
@@ -171,8 +187,9 @@ def untie_head_(model: nn.Module) -> bool:
         return False
     out = model.get_output_embeddings()
     out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
-    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        cfg.tie_word_embeddings = False
+    for cfg in _configs(model.config):
+        if "tie_word_embeddings" in vars(cfg) or cfg is model.config or cfg is model.config.get_text_config():
+            cfg.tie_word_embeddings = False
     tied = getattr(model, "all_tied_weights_keys", None)
     if isinstance(tied, dict):
         # With tie_word_embeddings=False transformers re-ties nothing on load, so every other tie the flag governed

@@ -173,3 +173,29 @@ def test_approximate_report_on_real_tokens():
     meta = model.config.normswap
     assert meta["mode"] == "approximate" and meta["approximate_norms"] == report.approximate_norms
     assert meta["verification"]["cosine_mean"] == pytest.approx(report.verification.cosine_mean)
+
+
+def test_a_head_tied_to_the_decoders_embedding_is_untied_not_centred(tmp_path):
+    """An encoder-decoder's LM head shares the *decoder's* word embedding, not the table ``get_input_embeddings``
+    names; centring that embedding (a writer) used to centre the head with it, adding avoidable damage."""
+    torch.manual_seed(0)
+    enc = T.BertConfig(**_SMALL)
+    dec = T.BertConfig(**_SMALL, is_decoder=True, add_cross_attention=True)
+    cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id = cfg.pad_token_id = 0
+    model = perturb_(T.EncoderDecoderModel(config=cfg)).eval()
+    assert model.get_output_embeddings().weight is model.decoder.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight.detach().clone()
+    report = normswap.convert_(model, approximate=True)
+    assert report.untied_head
+    assert torch.equal(model.get_output_embeddings().weight, head)  # the head computes what it computed
+    embedding = model.decoder.get_input_embeddings().weight
+    assert float(embedding.double().mean(-1).abs().max()) < 1e-6  # while the writer it was tied to is centred
+    ids = torch.randint(1, V, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids, decoder_input_ids=ids).logits
+    normswap.save(model, tmp_path / "out")
+    reloaded = normswap.load(tmp_path / "out").eval()
+    assert reloaded.get_output_embeddings().weight is not reloaded.decoder.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, decoder_input_ids=ids).logits, before)
