@@ -26,32 +26,30 @@ from normswap.verify import make_probes
 H = 48
 
 
-def _clip_vision() -> T.CLIPVisionModel:
+#: A small vision tower: two blocks over a 4×4 grid of 8-pixel patches.
+_VISION = dict(hidden_size=H, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+               patch_size=8)
+
+
+def _vision(model_cls, config_cls, **extra):
     torch.manual_seed(0)
-    cfg = T.CLIPVisionConfig(hidden_size=H, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                             image_size=32, patch_size=8)
-    return perturb_(T.CLIPVisionModel(cfg)).eval()
+    return perturb_(model_cls(config_cls(**_VISION, **extra))).eval()
+
+
+def _clip_vision() -> T.CLIPVisionModel:
+    return _vision(T.CLIPVisionModel, T.CLIPVisionConfig)
 
 
 def _beit() -> T.BeitModel:
-    torch.manual_seed(0)
-    cfg = T.BeitConfig(hidden_size=H, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=32, patch_size=8, layer_scale_init_value=0.5)
-    return perturb_(T.BeitModel(cfg)).eval()
+    return _vision(T.BeitModel, T.BeitConfig, layer_scale_init_value=0.5)
 
 
 def _siglip_vision() -> T.SiglipVisionModel:
-    torch.manual_seed(0)
-    cfg = T.SiglipVisionConfig(hidden_size=H, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                               image_size=32, patch_size=8)
-    return perturb_(T.SiglipVisionModel(cfg)).eval()
+    return _vision(T.SiglipVisionModel, T.SiglipVisionConfig)
 
 
 def _vit_mae() -> T.ViTMAEModel:
-    torch.manual_seed(0)
-    cfg = T.ViTMAEConfig(hidden_size=H, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=32, patch_size=8)
-    return perturb_(T.ViTMAEModel(cfg)).eval()
+    return _vision(T.ViTMAEModel, T.ViTMAEConfig)
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
