@@ -100,9 +100,9 @@ def is_stream_field(name: str) -> bool:
     ``hidden_states`` (SAM3's ``fpn_hidden_states``, computed from the stream by convolutions) is an output like
     any other, and a writer whose mean reaches it is visible.
     """
-    from normswap.verification.figures import STREAM_TUPLES
+    from normswap.verification.figures import is_raw_stream
 
-    return any(part in STREAM_TUPLES for part in name.split("."))
+    return is_raw_stream(name, ())
 
 
 def run_model(model: nn.Module, probes: dict) -> dict[str, torch.Tensor]:

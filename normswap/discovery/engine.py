@@ -24,7 +24,7 @@ from torch import nn
 from normswap import maths
 from normswap.discovery import readers as _readers
 from normswap.discovery.capture import Trace, same, trace
-from normswap.discovery.norms import UNRUN_REASON, find_norms, other_norm_counts, unrun_layernorms
+from normswap.discovery.norms import UNRUN_REASON, find_norms, innermost_names, other_norm_counts, unrun_layernorms
 from normswap.discovery.probing import optional_probes
 from normswap.discovery.rehearsal import settle
 from normswap.discovery.result import Discovery, NormFinding
@@ -64,10 +64,6 @@ def _output_ratio(tr: Trace, module: nn.Module, name: str) -> float:
     vals = [float(maths.hidden_mean_ratio(c.out.movedim(axis, -1)).max()) for c in tr.calls.get(name, [])
             if c.out is not None]
     return max(vals, default=0.0)
-
-
-def _innermost(names: list[str]) -> list[str]:
-    return [n for n in names if not any(o != n and o.startswith(n + ".") for o in names)]
 
 
 class _Engine:
@@ -246,7 +242,7 @@ class _Engine:
                        and not any(m.startswith(e.name + ".") for m in ln)
                        and _output_ratio(tr, self.modules[e.name], e.name) > RATIO]
             if feeders:
-                pick = min(_innermost(feeders), key=lambda m: _start(tr, m))
+                pick = min(innermost_names(feeders), key=lambda m: _start(tr, m))
                 return Fix(pick, "writes_stream" if pick in ln else "recenter")
             fix = self._recenter_input(n, tr, fixed, ln)
             if fix is not None:

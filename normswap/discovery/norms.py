@@ -32,6 +32,12 @@ class FoundNorm:
     noise: float = 0.0
 
 
+def innermost_names(names: list[str]) -> list[str]:
+    """The names no other name lies inside (``a.b`` hides ``a``), in their order: the module that owns the
+    parameters, rather than a wrapper around it."""
+    return [n for n in names if not any(o != n and o.startswith(n + ".") for o in names)]
+
+
 def _rerun(module: nn.Module, call: Call, x: torch.Tensor) -> torch.Tensor | None:
     """The module's first output on input ``x`` in place of the recorded first input (other arguments kept)."""
     if call.args and isinstance(call.args[0], torch.Tensor):
@@ -100,8 +106,7 @@ def find_norms(model: nn.Module, ref: Trace, seed: int = 0) -> list[FoundNorm]:
         if len(kinds) == 1 and None not in kinds:
             noise = max(r[1] for r in results if r)
             found[name] = FoundNorm(name, int(calls[0].inp.shape[-1]), kinds.pop(), noise)
-    names = set(found)
-    innermost = [n for n in found if not any(o != n and o.startswith(n + ".") for o in names)]
+    innermost = innermost_names(list(found))
     return sorted((found[n] for n in innermost), key=lambda f: ref.calls[f.name][0].start)
 
 
@@ -159,7 +164,7 @@ def unrun_layernorms(model: nn.Module, ref: Trace, seed: int = 0) -> list[str]:
     """The mean-subtracting norms the probe pass never ran (innermost), in module order."""
     names = [name for name, m in model.named_modules()
              if name and not ref.calls.get(name) and subtracts_mean(m, seed)]
-    return [n for n in names if not any(o != n and o.startswith(n + ".") for o in names)]
+    return innermost_names(names)
 
 
 def other_norm_counts(model: nn.Module) -> dict[str, int]:

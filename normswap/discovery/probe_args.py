@@ -22,6 +22,7 @@ from torch import nn
 
 
 def _is_int(v: Any) -> bool:
+    """An int that is not a bool (config values: ``True`` is not a size)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -54,15 +55,19 @@ def num_frames(config) -> int | None:
     if frames is None:
         return None
     tubelet = _first(config, "tubelet_size", "temporal_patch_size", default=1)
-    tubelet = tubelet[0] if isinstance(tubelet, (list, tuple)) else tubelet
     return max(tubelet, frames)
+
+
+def _patch_sizes(vision_config) -> tuple[int, int]:
+    """(spatial patch, temporal patch) of a Qwen2-VL-style tower: 14 and 2 when the config leaves them unset."""
+    return (int(getattr(vision_config, "patch_size", 14) or 14),
+            int(getattr(vision_config, "temporal_patch_size", 2) or 1))
 
 
 def grid_patches(config, batch: int, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen2-VL-style flattened patches of ``batch`` images (each ``2·merge`` patches a side) and their (t, h, w)."""
     vc = getattr(config, "vision_config", None) or config
-    patch, tp = int(getattr(vc, "patch_size", 14) or 14), int(getattr(vc, "temporal_patch_size", 2) or 1)
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    patch, tp = _patch_sizes(vc)
     cin = int(getattr(vc, "in_channels", None) or getattr(vc, "num_channels", None) or 3)
     merge = int(getattr(vc, "spatial_merge_size", 2) or 1)
     g = 2 * merge
@@ -257,8 +262,7 @@ def alternatives(probes: dict, config, params: frozenset[str] | set[str] = froze
 def _patch_layouts(probes: dict, key: str, config, grid: torch.Tensor) -> list[dict | None]:
     """Flattened patches as rows without the temporal fold, one [C, p, p] image per patch, or [images, patches, C,
     p, p]; each with and without the temporal patch folded into the channels."""
-    vc = getattr(config, "vision_config", None) or config
-    patch, tp = int(getattr(vc, "patch_size", 14) or 14), int(getattr(vc, "temporal_patch_size", 2) or 1)
+    patch, tp = _patch_sizes(getattr(config, "vision_config", None) or config)
     b, n = len(grid), int(grid[0].prod())
     out = []
     for t in dict.fromkeys((tp, 1)):
@@ -271,6 +275,16 @@ def _patch_layouts(probes: dict, key: str, config, grid: torch.Tensor) -> list[d
     return out
 
 
+def runs(model: nn.Module, probes: dict) -> bool:
+    """Whether the model's forward accepts ``probes`` (any error means this input or layout is not the one it reads)."""
+    try:
+        with torch.no_grad():
+            model(**probes)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
 def first_runnable(model: nn.Module, candidates: list[dict]) -> dict:
     """The first candidate the model's forward accepts (float64 default dtype, as the callers run it), else the
     first candidate (the caller then reports the model's own error)."""
@@ -278,12 +292,8 @@ def first_runnable(model: nn.Module, candidates: list[dict]) -> dict:
     torch.set_default_dtype(next((p.dtype for p in model.parameters() if p.is_floating_point()), previous))
     try:
         for probes in candidates:
-            try:
-                with torch.no_grad():
-                    model(**probes)
-            except Exception:  # noqa: BLE001 - this layout is not the one the model reads
-                continue
-            return probes
+            if runs(model, probes):
+                return probes
     finally:
         torch.set_default_dtype(previous)
     return candidates[0]

@@ -8,13 +8,11 @@ exercised rather than skipped.
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
 import torch
 from torch import nn
 
 from normswap.discovery.probe_args import (
+    _is_int,
     alternatives,
     embedding_layouts,
     first_runnable,
@@ -31,10 +29,6 @@ IMAGE = 32
 PATCH = 8
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _special_ids(d: dict) -> list[tuple[str, int | list]]:
     """(key, value) of every token-id entry (bos/eos/pad/image tokens ...), so the vocab can stay above them."""
     out = []
@@ -48,10 +42,7 @@ def _special_ids(d: dict) -> list[tuple[str, int | list]]:
 
 
 def _forward_params(model: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
+    return set(forward_params(model))
 
 
 def _sub(config, *names: str):

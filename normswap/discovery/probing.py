@@ -12,6 +12,8 @@ import inspect
 import torch
 from torch import nn
 
+from normswap.discovery.probe_args import runs
+
 
 def optional_probes(model: nn.Module, probes: dict) -> dict:
     """Probes that also exercise optional writers: a mask (mask tokens) and encoder states (cross-attention).
@@ -43,10 +45,6 @@ def optional_probes(model: nn.Module, probes: dict) -> dict:
             extra["encoder_hidden_states"] = torch.randn(ids.shape[0], 5, width, generator=gen, dtype=torch.float64)
     for key, value in extra.items():
         trial = {**probes, key: value}
-        try:
-            with torch.no_grad():
-                model(**trial)
-        except Exception:  # noqa: BLE001 - the model does not take this input in this configuration
-            continue
-        probes = trial
+        if runs(model, trial):  # else the model does not take this input in this configuration
+            probes = trial
     return probes

@@ -24,6 +24,7 @@ from torch import nn
 
 from normswap.adapters.spec import Adapter
 from normswap.discovery.capture import Trace, first_tensor, trace
+from normswap.discovery.readers import reader_layout
 from normswap.discovery.result import NormFinding
 from normswap.discovery.simulate import Fix, measure_fixes, norm_ratios
 from normswap.discovery.template import NormRole, WriterRole, build_adapter, module_lists, split_block
@@ -72,18 +73,12 @@ def build(model: nn.Module, model_type: str, fixes: list[Fix], findings: list[No
         f.writes_stream = f.name in writes_stream
     modules = dict(model.named_modules())
     writer_roles = [WriterRole(f.name, f.layout, f.scale) for f in fixes if f.layout != "writes_stream"]
-    norm_roles = [NormRole(f.name, f.status == "exact", f.writes_stream, f.readers, _reader_layout(modules, f.readers))
+    norm_roles = [NormRole(f.name, f.status == "exact", f.writes_stream, f.readers, reader_layout(modules, f.readers))
                   for f in findings if f.status != "kept"]
     kept = {f.name: f.reason for f in findings if f.status == "kept"}
     return build_adapter(model, model_type, writer_roles, norm_roles, kept, stream_outputs,
                          notes="discovered by normswap.discovery (measured on a small instance)",
                          stream_axis=stream_axis if stream_outputs else -1)
-
-
-def _reader_layout(modules: dict[str, nn.Module], readers: list[str]) -> str:
-    from normswap.discovery.readers import reader_layout
-
-    return reader_layout(modules, readers)
 
 
 @torch.no_grad()

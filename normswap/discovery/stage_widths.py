@@ -23,6 +23,8 @@ from __future__ import annotations
 from math import gcd
 from typing import Any
 
+from normswap.discovery.probe_args import _is_int
+
 #: Keys that give a stage model a base or per-stage width (its stages differ in width): not a uniform-width model.
 _STAGE_WIDTH_KEYS = ("embed_dim", "hidden_sizes", "embedding_size", "patch_embeds_hidden_size")
 _PER_STAGE_WIDTHS = ("embed_dim", "hidden_sizes")
@@ -32,10 +34,6 @@ _FUSION_KEYS = ("fusion_hidden_size", "bottleneck_features")
 _NECK_KEYS = ("neck_hidden_sizes", "post_process_channels")
 FUSION = 32
 NECK = 512
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _int_list(v: Any, n: int | None = None) -> bool:

@@ -9,11 +9,7 @@ the kept ones, and the parent's per-tap channel lists follow the backbone's new 
 
 from __future__ import annotations
 
-from typing import Any
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+from normswap.discovery.probe_args import _is_int
 
 
 def backbone_taps(d: dict) -> list[int] | None:
