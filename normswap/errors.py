@@ -39,3 +39,8 @@ class DiskFullError(NormswapError):
 
 class SourceNotFoundError(NormswapError):
     """A model argument names a local folder that does not exist, or a Hub id that cannot be reached."""
+
+
+def and_more(total: int, shown: int) -> str:
+    """`` (and N more)`` after the first ``shown`` of ``total`` names in a one-line message, else nothing."""
+    return f" (and {total - shown} more)" if total > shown else ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from normswap.adapters.spec import Adapter
-from normswap.errors import AlreadyRMSNormError, UnsupportedArchitectureError
+from normswap.errors import AlreadyRMSNormError, UnsupportedArchitectureError, and_more
 
 _REGISTRY: dict[str, Adapter] = {}
 
@@ -81,7 +81,7 @@ def discovered_adapter(config: Any, model_cls: type | None = None) -> Adapter:
         raise AlreadyRMSNormError(no_layernorm_message(model_type, found.other_norms))
     if not found.swapped:
         reasons = "; ".join(f"{name}: {why}" for name, why in list(found.kept.items())[:3])
-        more = f" (and {len(found.kept) - 3} more)" if len(found.kept) > 3 else ""
+        more = and_more(len(found.kept), 3)
         raise UnsupportedArchitectureError(
             f"this {model_type} model has {len(found.kept)} LayerNorm(s), but discovery found none that can be "
             f"swapped: {reasons}{more}")
@@ -92,7 +92,7 @@ def unrun_message(model_type: str, names: list[str]) -> str:
     """The refusal for LayerNorms the probe never ran: named (first few + count) with the reason."""
     from normswap.discovery.norms import UNRUN_REASON
 
-    more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+    more = and_more(len(names), 3)
     return (f"this {model_type} model has {len(names)} LayerNorm(s) that {UNRUN_REASON}: "
             f"{', '.join(names[:3])}{more}")
 

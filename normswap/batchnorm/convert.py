@@ -18,7 +18,7 @@ from normswap._version import __version__
 from normswap.batchnorm.discover import Discovery, FoldPair, batchnorm_modules, discover, output_tensors
 from normswap.batchnorm.fold import fold_into_stored_form_
 from normswap.conversion import VerifiedReport
-from normswap.errors import NormswapError
+from normswap.errors import NormswapError, and_more
 from normswap.surgery import check_finite
 from normswap.verify import (
     VerificationResult,
@@ -167,7 +167,7 @@ def nothing_to_fold_message(model: nn.Module, kept: dict[str, str]) -> str:
         found = f"norm modules: {', '.join(norms)}" if norms else "no norm modules at all"
         return f"--to none found no BatchNorm in this {kind} model ({found}), so there is nothing to fold"
     first = "; ".join(f"{n}: {r}" for n, r in list(kept.items())[:2])
-    more = f" (and {len(kept) - 2} more)" if len(kept) > 2 else ""
+    more = and_more(len(kept), 2)
     return (f"--to none found {len(kept)} BatchNorm(s) in this {kind} model and none can be folded exactly: "
             f"{first}{more}")
 
